@@ -1,0 +1,185 @@
+"""Everything MPI: Horovod init, device pinning, optimizer wrapping, broadcasts, reductions, abort.
+
+This is the only module that imports horovod or mpi4py. Every function that issues a
+collective says so in its docstring; every rank must call it, in the same order, with the
+same name. Tags ``# HVD:`` mark each collective so they can be audited at a glance.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job."""
+
+    rank: int  # global rank, 0..size-1
+    size: int  # world size (number of ranks)
+    local_rank: int  # rank on this node
+    local_size: int  # ranks on this node
+    device: torch.device
+
+
+def _env_world_size() -> int:
+    """World size as the launcher announced it, before MPI is initialised (1 if none)."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def _env_rank() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def launcher_rank() -> int:
+    """This process's rank as announced by the launcher, usable before MPI init."""
+    return _env_rank()
+
+
+def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
+    """Initialise MPI and Horovod (idempotent), pin the device and the torch thread count.
+
+    ``device``: auto -> cuda:local_rank when CUDA is available, else cpu. ``torch_threads``:
+    0 -> usable cores on this node divided by ranks on this node (at least 1), so N ranks
+    do not oversubscribe the cores.
+    """
+    # mpi4py first: it asks for MPI_THREAD_MULTIPLE, which Horovod's background thread needs;
+    # Horovod then reuses the initialised MPI.
+    from mpi4py import MPI  # noqa: F401
+
+    import horovod.torch as hvd
+
+    hvd.init()  # HVD: init (collective over the world communicator)
+    rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        dev = torch.device("cuda", gpu)
+    else:
+        dev = torch.device("cpu")
+    if torch_threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # Affinity may already be a per-rank binding (mpirun --bind-to core): then use it all.
+        per_rank = cores if cores < (os.cpu_count() or cores) else cores // max(local_size, 1)
+        torch_threads = max(1, per_rank)
+    torch.set_num_threads(torch_threads)
+    return DistContext(rank, size, local_rank, local_size, dev)
+
+
+def wrap_optimizer(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, fp16: bool, backward_passes_per_step: int
+) -> Any:
+    """Horovod DistributedOptimizer: gradients are averaged with ring-allreduce on backward."""
+    import horovod.torch as hvd
+
+    return hvd.DistributedOptimizer(
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step,
+        op=hvd.Average,
+    )
+
+
+def broadcast_model(model: torch.nn.Module) -> None:
+    """Collective: every rank receives rank 0's parameters and buffers."""
+    import horovod.torch as hvd
+
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # HVD: broadcast
+
+
+def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Collective: every rank receives rank 0's optimizer state.
+
+    Only call this when rank 0's optimizer has state (after a restore): on a fresh optimizer
+    Horovod would run a zero-gradient step to create state, which offsets Adam's step count.
+    """
+    import horovod.torch as hvd
+
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # HVD: broadcast (several)
+
+
+def broadcast_object(obj: T, name: str) -> T:
+    """Collective: rank 0's picklable ``obj`` on every rank. ``name`` is required (see README)."""
+    import horovod.torch as hvd
+
+    return hvd.broadcast_object(obj, root_rank=0, name=name)  # HVD: broadcast
+
+
+def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
+    """Collective: elementwise float64 sum over ranks of a small vector (metrics, votes)."""
+    import horovod.torch as hvd
+
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    return hvd.allreduce(t, op=hvd.Sum, name=name).numpy()  # HVD: allreduce
+
+
+def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
+    """Collective: (min, max) of a scalar over ranks; used to prove replicas are identical."""
+    import horovod.torch as hvd
+
+    t = torch.tensor([value, -value], dtype=torch.float64)
+    out = hvd.allreduce(t, op=hvd.Min, name=name)  # HVD: allreduce
+    return float(out[0]), float(-out[1])
+
+
+def gather_objects(obj: Any, name: str) -> list[Any]:
+    """Collective: a list, in rank order, of every rank's picklable ``obj`` (on all ranks)."""
+    import horovod.torch as hvd
+
+    return hvd.allgather_object(obj, name=name)  # HVD: allgather
+
+
+def abort(code: int = 1) -> None:
+    """End the whole job now (MPI_Abort) when it has more than one rank; else exit."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    if _env_world_size() > 1:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ...] = ()) -> T:
+    """Run ``fn``; on an uncaught exception print it with this rank and abort every rank.
+
+    Errors in ``user_errors`` print one line and exit 2 (no traceback): they are raised on
+    every rank alike (validation), so each rank exits without waiting for the others. Any
+    other exception may be on one rank only, so it must take the job down: MPI_Abort.
+    """
+    try:
+        return fn()
+    except user_errors as exc:
+        print(f"mpirl: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        rank = _env_rank()
+        tb = traceback.format_exc()
+        sys.stderr.write(f"{tb}mpirl: rank {rank} failed: {type(exc).__name__}: {exc}\n")
+        abort(1)
+        raise  # not reached
+
+
+def world_size_hint() -> Optional[int]:
+    """The world size the launcher announced, or None when started without one."""
+    n = _env_world_size()
+    return n if n > 1 else None

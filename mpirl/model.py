@@ -1,0 +1,89 @@
+"""Q-networks built from observation shapes, not environments: MLP, Nature CNN, dueling head.
+
+Images (3-D observations, channels first, uint8) get the Nature-DQN CNN and are scaled to
+[0, 1] inside the network, so replay and the host->device copy stay uint8.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class QHead(nn.Module):
+    """Plain linear Q head, or a dueling head: Q = V + A - mean(A)."""
+
+    def __init__(self, in_features: int, n_actions: int, dueling: bool, hidden: int = 0) -> None:
+        super().__init__()
+        self.dueling = dueling
+        if dueling:
+            width = hidden or in_features
+            self.value = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, 1))
+            self.advantage = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, n_actions))
+        else:
+            self.q = nn.Linear(in_features, n_actions)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.dueling:
+            return self.q(h)
+        adv = self.advantage(h)
+        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+
+
+class MLPQNetwork(nn.Module):
+    """Q(s, .) for flat vector observations."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: Sequence[int], dueling: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in hidden_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = QHead(width, n_actions, dueling)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(obs.flatten(1).float()))
+
+
+class NatureCNNQNetwork(nn.Module):
+    """Mnih et al. 2015 network for (C, 84, 84)-like uint8 frame stacks."""
+
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, dueling: bool) -> None:
+        super().__init__()
+        c = obs_shape[0]
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )  # fmt: skip
+        with torch.no_grad():
+            n_flat = self.body(torch.zeros(1, *obs_shape)).shape[1]
+        self.fc = nn.Sequential(nn.Linear(n_flat, 512), nn.ReLU())
+        self.head = QHead(512, n_actions, dueling, hidden=512)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.body(obs.float() / 255.0)))
+
+
+def build(obs_shape: Sequence[int], n_actions: int, hidden_sizes: Sequence[int], dueling: bool) -> nn.Module:
+    """The Q-network for an observation shape: CNN for (C, H, W) with H, W >= 36, else MLP."""
+    shape = tuple(int(s) for s in obs_shape)
+    if len(shape) == 3 and min(shape[1:]) >= 36:
+        return NatureCNNQNetwork(shape, n_actions, dueling)
+    if len(shape) in (1, 2) or len(shape) == 3:
+        dim = 1
+        for s in shape:
+            dim *= s
+        return MLPQNetwork(dim, n_actions, hidden_sizes, dueling)
+    raise ValueError(f"observation shape {shape} is not supported (1-D vectors or (C, H, W) images)")
+
+
+def parameter_checksum(model: nn.Module) -> float:
+    """Sum of every parameter as float64: equal on all ranks iff (practically) identical."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() for p in model.parameters()))

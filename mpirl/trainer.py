@@ -1,0 +1,365 @@
+"""Synchronous data-parallel DQN: the training loop behind ``python -m mpirl.train``.
+
+Launch:
+    python -m mpirl.train                                   # 1 process, world size 1
+    mpirun -np 2 python -m mpi4py -m mpirl.train            # 2 ranks on this machine
+    mpirun -np 8 --oversubscribe python -m mpi4py -m mpirl.train --env CartPole-v1
+    srun --mpi=pmix python -m mpi4py -m mpirl.train ...      # inside a SLURM allocation
+``python -m mpi4py`` makes an uncaught exception on one rank abort the whole job.
+
+Weak scaling: every rank steps its own ``num_envs_per_rank`` envs, fills its own replay
+buffer and contributes ``batch_size_per_rank`` samples to each global update, so N ranks
+collect N times the experience per update and average N times as many samples per gradient.
+The learning rate follows ``--lr-scaling`` (default: unchanged). Only gradients and a few
+metric scalars travel between ranks; all ranks apply the same averaged gradient and so hold
+identical weights after every update.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mpirl import algo, dist, envs, model, replay
+from mpirl.config import Config, ConfigError, parse_args
+from mpirl.metrics import MetricsWriter
+
+
+@dataclass
+class Summary:
+    """What a run did, identical on every rank (global figures)."""
+
+    env_id: str
+    run_dir: str
+    world_size: int
+    global_env_steps: int
+    updates: int
+    episodes: int
+    wall_time_s: float
+    final_eval_mean: float  # NaN when no final evaluation ran
+    final_eval_std: float
+    final_eval_episodes: int
+    target_return: Optional[float]
+    solved: bool  # final evaluation mean >= target_return
+    stopped_early: bool  # a periodic evaluation reached target_return
+    param_checksum: float  # float64 sum of the online parameters (same on every rank)
+
+    def line(self) -> str:
+        ev = (
+            f"greedy eval {self.final_eval_mean:.1f} ± {self.final_eval_std:.1f} over {self.final_eval_episodes} episodes"
+            if self.final_eval_episodes
+            else "no final evaluation"
+        )
+        target = "" if self.target_return is None else f" (target {self.target_return:g}: {'solved' if self.solved else 'not solved'})"
+        return (
+            f"mpirl: done: {self.env_id}, {self.world_size} rank(s), {self.global_env_steps:,} env steps, "
+            f"{self.updates:,} updates, {self.episodes:,} episodes in {self.wall_time_s:.1f} s; {ev}{target}"
+        )
+
+
+def _default_run_dir(cfg: Config) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{cfg.env_id.replace('/', '_')}-s{cfg.seed}-{stamp}")
+
+
+def _prepare_run_dir(cfg: Config, rank: int) -> str:
+    """Rank 0 picks and creates the run directory; all ranks get its path or its error."""
+    result: tuple[str, str] = ("", "")
+    if rank == 0:
+        path = os.path.abspath(cfg.run_dir or _default_run_dir(cfg))
+        try:
+            if os.path.exists(os.path.join(path, "config.json")) and not cfg.overwrite:
+                raise ConfigError(f"run directory {path} already holds a run; pass --overwrite or another --run-dir")
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
+                json.dump(cfg.to_dict(), fh, indent=2)
+            result = (path, "")
+        except ConfigError as exc:
+            result = ("", str(exc))
+        except OSError as exc:
+            result = ("", f"cannot create run directory {path}: {exc.strerror}")
+    path, err = dist.broadcast_object(result, name="mpirl.run_dir")  # HVD: agree on the run dir
+    if err:
+        raise ConfigError(err)
+    return path
+
+
+class Agent:
+    """Online and target networks, the wrapped optimizer and the update rule of one rank."""
+
+    def __init__(self, cfg: Config, info: envs.EnvInfo, ctx: dist.DistContext) -> None:
+        self.cfg = cfg
+        self.device = ctx.device
+        self.n_actions = info.n_actions
+        # Initial weights: rank 0's, broadcast; the seed only makes rank 0's reproducible.
+        torch.manual_seed(cfg.seed)
+        self.online = model.build(info.obs_shape, info.n_actions, cfg.hidden_sizes, cfg.dueling).to(self.device)
+        dist.broadcast_model(self.online)  # HVD: rank 0's initial weights to all
+        self.target = copy.deepcopy(self.online)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        base = torch.optim.Adam(self.online.parameters(), lr=cfg.lr_for(ctx.size), eps=cfg.adam_eps)
+        # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
+        self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
+        self.updates = 0
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions for a batch of observations."""
+        return self.online(self._tensor(obs)).argmax(dim=1).cpu().numpy()
+
+    def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+        """Epsilon-greedy actions for the whole shard, batched in one forward pass."""
+        n = len(obs)
+        explore = rng.random(n) < epsilon
+        random_actions = rng.integers(0, self.n_actions, size=n)
+        if explore.all():  # skip the forward pass; same RNG draws either way
+            return random_actions
+        return np.where(explore, random_actions, self.greedy(obs))
+
+    def update(self, buffer: replay.ReplayBuffer, rng: np.random.Generator, beta: float) -> torch.Tensor:
+        """One global update: local TD gradients, averaged across ranks, clipped, applied.
+
+        Returns the mean local loss (a detached scalar tensor, not synchronised).
+        """
+        cfg = self.cfg
+        passes = cfg.backward_passes_per_step
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(passes):
+            b = buffer.sample(cfg.batch_size_per_rank, rng, beta)
+            obs, next_obs = self._tensor(b.obs), self._tensor(b.next_obs)
+            with torch.no_grad():
+                next_q_target = self.target(next_obs)
+                next_q_online = self.online(next_obs) if cfg.double_dqn else None
+                targets = algo.td_targets(self._tensor(b.rewards), self._tensor(b.discounts), next_q_target, next_q_online)
+            loss, td = algo.td_loss(self.online(obs), self._tensor(b.actions), targets, self._tensor(b.weights))
+            # Horovod sums nothing across passes itself; average them so the step size
+            # does not depend on backward_passes_per_step.
+            (loss / passes).backward()  # HVD: hooks start the gradient allreduce (after the last pass)
+            buffer.update_priorities(b.indices, td.cpu().numpy())
+            total_loss += loss.detach()
+        self.optimizer.synchronize()  # HVD: wait for the averaged gradients
+        if cfg.max_grad_norm > 0:
+            # Same averaged gradient on every rank -> same clip on every rank.
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), cfg.max_grad_norm)
+        with self.optimizer.skip_synchronize():
+            self.optimizer.step()
+        self.optimizer.zero_grad()  # torch >= 2 sets grads to None
+        self.updates += 1
+        if self.updates % cfg.target_update_interval == 0:
+            algo.update_target(self.target, self.online, cfg.tau)  # local, identical on all ranks
+        return total_loss / passes
+
+
+def _evaluate_global(
+    agent: Agent, env_id: str, ctx: dist.DistContext, episodes: int, seed_base: int, name: str
+) -> tuple[float, float, float]:
+    """Collective: ``episodes`` greedy episodes split over ranks (episode i on rank i % size);
+    returns the global (mean, std, min) return, identical on every rank."""
+    mine = [seed_base + i for i in range(ctx.rank, episodes, ctx.size)]
+    rets = np.asarray(envs.evaluate(agent.greedy, env_id, mine), dtype=np.float64)
+    local_min = rets.min() if len(rets) else np.inf
+    s = dist.allreduce_sum(np.array([rets.sum(), (rets**2).sum(), len(rets)]), name=name)  # HVD: allreduce
+    lo, _ = dist.allreduce_min_max(float(local_min), name=name + ".min")  # HVD: allreduce
+    n = max(s[2], 1.0)
+    mean = s[0] / n
+    std = math.sqrt(max(s[1] / n - mean**2, 0.0))
+    return float(mean), float(std), float(lo)
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def train(cfg: Config) -> Summary:
+    """Train with ``cfg`` on every rank of the job (a plain process is a job of one rank).
+
+    Call it on every rank (e.g. a script started with mpirun). Raises ConfigError or
+    envs.EnvError for bad input, before any collective that could hang.
+    """
+    cfg.validate()
+    envs.import_env_modules(cfg.env_modules)
+    info = envs.inspect_env(cfg.env_id)  # same outcome on every rank: fails before MPI collectives
+    ctx = dist.init(cfg.device, cfg.torch_threads)
+    run_dir = _prepare_run_dir(cfg, ctx.rank)
+    is_root = ctx.rank == 0
+    writer = MetricsWriter(run_dir, cfg.tensorboard) if is_root else None
+
+    def log(msg: str) -> None:
+        if is_root:
+            print(msg, flush=True)
+
+    target_return = cfg.target_return if cfg.target_return is not None else info.reward_threshold
+    E, N = cfg.num_envs_per_rank, ctx.size
+    steps_per_iter = E * N  # global env steps per vector step of every rank
+    log(
+        f"mpirl: {cfg.env_id} on {N} rank(s), device {ctx.device}, {E} envs/rank "
+        f"({steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(N)}, "
+        f"lr {cfg.lr_for(N):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
+    )
+
+    # Per-rank state: env shard, replay, RNG (own generator; no global RNG relied on).
+    vec = envs.make_vector(cfg.env_id, E)
+    obs, _ = vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))
+    rng = np.random.default_rng([cfg.seed, ctx.rank])
+    if cfg.prioritized:
+        buffer: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
+            cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
+        )
+    else:
+        buffer = replay.ReplayBuffer(cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma)
+    nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
+    tracker = envs.EpisodeTracker(E)
+    agent = Agent(cfg, info, ctx)
+    beta_steps = cfg.per_beta_steps or cfg.total_env_steps
+
+    # Counters. Every control-flow decision below depends only on these (identical on all
+    # ranks) or on the result of a collective, so no rank branches alone.
+    global_steps = 0
+    iteration = 0
+    episodes_local = 0
+    stopped_early = False
+    eval_round = 0
+    # Window accumulators for the progress line (local; reduced at log time).
+    win = np.zeros(5)  # sum return, sum length, episodes, sum loss, loss count
+    loss_acc = torch.zeros((), device=ctx.device)
+    loss_n = 0
+    t_start = time.perf_counter()
+    t_last, steps_last, updates_last = t_start, 0, 0
+    last_eval = float("nan")
+
+    while global_steps < cfg.total_env_steps:
+        epsilon = algo.linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, global_steps)
+        actions = agent.act(obs, epsilon, rng)
+        next_obs, rewards, terminated, truncated, _ = vec.step(actions)
+        valid, fin_r, fin_l = tracker.step(rewards, terminated, truncated)
+        ready = nstep.push(obs, actions, rewards, next_obs, terminated, truncated, valid)
+        if ready is not None:
+            buffer.add(ready)
+        if fin_r:
+            episodes_local += len(fin_r)
+            win[0] += sum(fin_r)
+            win[1] += sum(fin_l)
+            win[2] += len(fin_r)
+        obs = next_obs
+        iteration += 1
+        global_steps += steps_per_iter
+
+        if iteration * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
+            beta = algo.linear_schedule(cfg.per_beta0, 1.0, beta_steps, global_steps)
+            for _ in range(cfg.gradient_steps):
+                loss_acc += agent.update(buffer, rng, beta)
+                loss_n += 1
+
+        crossed = lambda interval: interval > 0 and global_steps // interval > (global_steps - steps_per_iter) // interval  # noqa: E731
+
+        if crossed(cfg.log_interval) or global_steps >= cfg.total_env_steps:
+            win[3] += float(loss_acc)
+            win[4] += loss_n
+            loss_acc.zero_()
+            loss_n = 0
+            tot = dist.allreduce_sum(win, name="mpirl.metrics")  # HVD: allreduce of metric sums
+            win[:] = 0
+            now = time.perf_counter()
+            sps = (global_steps - steps_last) / max(now - t_last, 1e-9)
+            ups = (agent.updates - updates_last) / max(now - t_last, 1e-9)
+            t_last, steps_last, updates_last = now, global_steps, agent.updates
+            record = {
+                "global_env_steps": global_steps,
+                "updates": agent.updates,
+                "episodes": None,
+                "wall_time_s": now - t_start,
+                "sps": sps,
+                "updates_per_s": ups,
+                "mean_return": tot[0] / tot[2] if tot[2] else float("nan"),
+                "mean_length": tot[1] / tot[2] if tot[2] else float("nan"),
+                "loss": tot[3] / tot[4] if tot[4] else float("nan"),
+                "epsilon": epsilon,
+                "eval_mean_return": last_eval,
+            }
+            if writer is not None:
+                writer.write("train", {k: v for k, v in record.items() if v is not None})
+            eta = (cfg.total_env_steps - global_steps) / max(sps, 1e-9)
+            log(
+                f"step {global_steps:>9,}/{cfg.total_env_steps:,} | {sps:7,.0f} sps | {ups:6,.0f} upd/s | "
+                f"return {record['mean_return']:7.1f} | loss {record['loss']:.4f} | eps {epsilon:.3f} | "
+                f"eval {last_eval:6.1f} | eta {_fmt_time(eta)}"
+            )
+
+        if crossed(cfg.eval_interval) and iteration * E >= cfg.learning_starts_per_rank:
+            mean, std, lo = _evaluate_global(
+                agent, cfg.env_id, ctx, cfg.eval_episodes, cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes,
+                name="mpirl.eval",
+            )
+            eval_round += 1
+            last_eval = mean
+            if writer is not None:
+                writer.write("eval", {"global_env_steps": global_steps, "updates": agent.updates,
+                                      "eval_mean_return": mean, "eval_std_return": std, "eval_min_return": lo,
+                                      "wall_time_s": time.perf_counter() - t_start})  # fmt: skip
+            log(f"eval  {global_steps:>9,} | greedy return {mean:.1f} ± {std:.1f} (min {lo:.1f}) over {cfg.eval_episodes} episodes")
+            if target_return is not None and mean >= target_return:
+                stopped_early = True  # same mean on every rank -> every rank stops here
+                log(f"mpirl: evaluation reached the target return {target_return:g}; stopping")
+                break
+
+    wall = time.perf_counter() - t_start
+    vec.close()
+    if cfg.final_eval_episodes > 0:
+        f_mean, f_std, _ = _evaluate_global(
+            agent, cfg.env_id, ctx, cfg.final_eval_episodes, cfg.seed + 2_000_000, name="mpirl.final_eval"
+        )
+    else:
+        f_mean, f_std = float("nan"), float("nan")
+    episodes = int(dist.allreduce_sum(np.array([episodes_local]), name="mpirl.episodes")[0])  # HVD
+    checksum = model.parameter_checksum(agent.online)
+    summary = Summary(
+        env_id=cfg.env_id,
+        run_dir=run_dir,
+        world_size=N,
+        global_env_steps=global_steps,
+        updates=agent.updates,
+        episodes=episodes,
+        wall_time_s=wall,
+        final_eval_mean=f_mean,
+        final_eval_std=f_std,
+        final_eval_episodes=cfg.final_eval_episodes,
+        target_return=target_return,
+        solved=bool(target_return is not None and cfg.final_eval_episodes > 0 and f_mean >= target_return),
+        stopped_early=stopped_early,
+        param_checksum=checksum,
+    )
+    if writer is not None:
+        writer.write("final", asdict(summary))
+        writer.close()
+        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
+            json.dump(asdict(summary), fh, indent=2)
+    log(summary.line())
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point: exit 0 on success, 2 on bad input (every rank), abort on a crash."""
+
+    def run() -> int:
+        train(parse_args(argv))
+        return 0
+
+    return dist.run_or_abort(run, user_errors=(ConfigError, envs.EnvError))
+

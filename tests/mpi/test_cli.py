@@ -1,0 +1,79 @@
+"""The CLI as a user runs it: single process, under mpirun, and bad input on every rank."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpi_launch import mpi_env, mpirun, run
+
+pytestmark = pytest.mark.mpi
+SHORT = ["--total-env-steps", "2000", "--learning-starts-per-rank", "200", "--hidden-sizes", "32,32",
+         "--eval-interval", "1000", "--eval-episodes", "4", "--final-eval-episodes", "4", "--log-interval", "1000",
+         "--no-tensorboard"]  # fmt: skip
+
+
+def test_single_process_without_launcher(tmp_path):
+    res = run([sys.executable, "-m", "mpirl.train", *SHORT, "--run-dir", str(tmp_path / "r")], timeout=180)
+    assert res.returncode == 0, res.output[-4000:]
+    assert "on 1 rank(s)" in res.stdout and "mpirl: done:" in res.stdout
+
+
+def test_mpirun_two_ranks_writes_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    res = mpirun(["-m", "mpirl.train", *SHORT, "--run-dir", str(run_dir), "--seed", "5"], timeout=240)
+    assert res.returncode == 0, res.output[-4000:]
+    assert res.stdout.count("mpirl: done:") == 1  # rank 0 alone logs
+    assert "greedy eval" in res.stdout and "2 rank(s)" in res.stdout
+    for name in ("config.json", "metrics.jsonl", "progress.csv", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_env_steps"] == 2000
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "train" in kinds and "eval" in kinds and kinds[-1] == "final"
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 5
+    # A second run into the same directory is refused, on every rank.
+    res = mpirun(["-m", "mpirl.train", *SHORT, "--run-dir", str(run_dir)], timeout=120)
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+
+
+def test_help_lists_options():
+    res = run([sys.executable, "-m", "mpirl.train", "--help"], timeout=60)
+    assert res.returncode == 0
+    assert "--num-envs-per-rank" in res.stdout and "(default: 4)" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--env", "NoSuchEnv-v0"], "unknown or unusable environment 'NoSuchEnv-v0'"),
+        (["--env", "Pendulum-v1"], "DQN needs a Discrete action space"),
+        (["--num-envs-per-rank", "0"], "--num-envs-per-rank must be positive"),
+        (["--buffer-size-per-rank", "-5"], "--buffer-size-per-rank must be positive"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--env-module", "no_such_module_xyz"], "--env-module no_such_module_xyz: import failed"),
+    ],
+)
+def test_bad_input_exits_2_on_every_rank(tmp_path, args, message):
+    res = mpirun(["-m", "mpirl.train", "--run-dir", str(tmp_path / "r"), *args], timeout=90)
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2, res.stderr[-3000:]  # one line from each rank
+    assert all(message in ln for ln in lines), lines
+    assert not (tmp_path / "r").exists()  # nothing was created for a rejected run
+
+
+def test_env_module_registers_user_env(tmp_path):
+    pkg = tmp_path / "myenvs.py"
+    pkg.write_text(
+        "import gymnasium as gym\n"
+        "gym.register(id='MyCartPole-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv',"
+        " max_episode_steps=50)\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = mpirun(["-m", "mpirl.train", *SHORT, "--env", "MyCartPole-v0", "--env-module", "myenvs",
+                  "--run-dir", str(tmp_path / "r")], timeout=180, env=env)  # fmt: skip
+    assert res.returncode == 0, res.output[-3000:]
+    assert "MyCartPole-v0" in res.stdout

@@ -1,0 +1,73 @@
+"""Run a command under mpirun with a hard timeout, from tests.
+
+A deadlock fails the test instead of hanging it: the whole process group is killed at the
+deadline and the output so far goes into the failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pytest
+
+MPIRUN = shutil.which("mpirun")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed_s: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def mpi_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        # Containers often forbid the cross-memory-attach syscalls OpenMPI's shared memory uses.
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: Sequence[str], timeout: float, env: Optional[dict[str, str]] = None, cwd: Optional[str] = None) -> Result:
+    """Run ``cmd`` in its own process group; kill the group and fail the test at ``timeout``."""
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env or mpi_env(), cwd=cwd, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    return Result(proc.returncode, out, err, time.monotonic() - t0)
+
+
+def mpirun(args: Sequence[str], np: int = 2, timeout: float = 240, env: Optional[dict[str, str]] = None,
+           cwd: Optional[str] = None) -> Result:  # fmt: skip
+    """``mpirun -np N python -m mpi4py ARGS`` (an exception on any rank aborts the job)."""
+    if MPIRUN is None:
+        pytest.fail("mpirun not found: run the README's test command, which installs OpenMPI")
+    cmd = [MPIRUN, "-np", str(np), "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", *args]
+    return run(cmd, timeout, env=mpi_env(env), cwd=cwd)

@@ -1,0 +1,82 @@
+"""Config: defaults, TOML + flag precedence, validation messages, --help coverage."""
+
+import dataclasses
+
+import pytest
+
+from mpirl.config import Config, ConfigError, build_parser, parse_args
+
+
+def test_defaults_are_valid():
+    cfg = parse_args([])
+    assert cfg == Config()
+    assert cfg.env_id == "CartPole-v1" and cfg.num_envs_per_rank > 1
+
+
+def test_flags_and_types():
+    cfg = parse_args(["--env", "Acrobot-v1", "--seed", "7", "--hidden-sizes", "64,32", "--lr", "3e-4",
+                      "--no-double-dqn", "--dueling", "--total-env-steps", "1_000", "--target-return", "none"])
+    assert cfg.env_id == "Acrobot-v1" and cfg.seed == 7 and cfg.hidden_sizes == (64, 32)
+    assert cfg.lr == pytest.approx(3e-4) and cfg.double_dqn is False and cfg.dueling is True
+    assert cfg.total_env_steps == 1000 and cfg.target_return is None
+
+
+def test_toml_then_flags_override(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('env = "Acrobot-v1"\nseed = 3\nbatch-size-per-rank = 32\nhidden_sizes = [16, 16]\n[train]\nlr = 0.01\n')
+    cfg = parse_args(["--config", str(p), "--seed", "9"])
+    assert cfg.env_id == "Acrobot-v1" and cfg.seed == 9 and cfg.batch_size_per_rank == 32
+    assert cfg.hidden_sizes == (16, 16) and cfg.lr == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--num-envs-per-rank", "0"], "--num-envs-per-rank must be positive"),
+        (["--batch-size-per-rank", "-4"], "--batch-size-per-rank must be positive"),
+        (["--seed", "abc"], "--seed must be an integer"),
+        (["--lr", "fast"], "--lr must be a number"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (["--per-alpha", "2"], "--per-alpha must be in [0, 1]"),
+        (["--n-step", "0"], "--n-step must be positive"),
+        (["--buffer-size-per-rank", "10"], "is smaller than --batch-size-per-rank"),
+        (["--learning-starts-per-rank", "8"], "is below --batch-size-per-rank"),
+        (["--lr-scaling", "cubic"], "--lr-scaling must be one of"),
+        (["--dueling", "maybe"], "--dueling must be a boolean"),
+        (["--hidden-sizes", "64,0"], "--hidden-sizes must be positive"),
+        (["--tau", "0"], "--tau must be in (0, 1]"),
+    ],
+)
+def test_bad_flags_one_line_errors(argv, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse_args(argv)
+    assert fragment in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_toml(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("seed = = 3\n")
+    with pytest.raises(ConfigError, match="malformed TOML"):
+        parse_args(["--config", str(p)])
+    p.write_text("nonsense_option = 3\n")
+    with pytest.raises(ConfigError, match="unknown option 'nonsense_option'"):
+        parse_args(["--config", str(p)])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_args(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_help_documents_every_option_with_default():
+    text = build_parser().format_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default:") >= len(dataclasses.fields(Config))
+
+
+def test_derived_values():
+    cfg = Config(lr=1e-3, lr_scaling="linear", batch_size_per_rank=32, backward_passes_per_step=2)
+    assert cfg.lr_for(4) == pytest.approx(4e-3)
+    assert Config(lr_scaling="sqrt", lr=1e-3).lr_for(4) == pytest.approx(2e-3)
+    assert cfg.global_batch_size(4) == 256
