@@ -45,7 +45,7 @@ class Summary:
     global_env_steps: int
     updates: int
     episodes: int
-    wall_time_s: float
+    wall_time_s: float  # training loop, slowest rank
     final_eval_mean: float  # NaN when no final evaluation ran
     final_eval_std: float
     final_eval_episodes: int
@@ -328,6 +328,7 @@ def train(cfg: Config) -> Summary:
     else:
         f_mean, f_std = float("nan"), float("nan")
     episodes = int(dist.allreduce_sum(np.array([episodes_local]), name="mpirl.episodes")[0])  # HVD
+    _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time
     checksum = model.parameter_checksum(agent.online)
     summary = Summary(
         env_id=cfg.env_id,
