@@ -94,11 +94,24 @@ fi
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
 torch_cuda=$("$py" -c 'import torch; print(torch.version.cuda or "cpu")')
 
-# --- 4. mpi4py, built against this machine's MPI (never a wheel bundling another MPI) -
+# --- 4. mpi4py, built against this machine's MPI and cached ---------------------------
+# No binary wheel from PyPI: it may carry an MPI of its own, not the one mpirun starts.
+mpi_id=$(mpirun --version 2>/dev/null | head -n1 | tr -c 'A-Za-z0-9.\n' '_')
+py_id=$("$py" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')
 if ! "$py" -c 'import mpi4py.MPI' 2>/dev/null; then
-    say "building mpi4py against $(command -v mpicc)"
-    # No binary: PyPI's mpi4py wheels may carry an MPI of their own, not the one mpirun starts.
-    MPICC=$(command -v mpicc) pip install --no-binary mpi4py 'mpi4py>=3.1'
+    mpi4py_dir="$cache/mpi4py/$(printf '%s' "$py_id|$mpi_id|$(command -v mpicc)" | sha256sum | cut -c1-16)"
+    wheel=$(ls "$mpi4py_dir"/mpi4py-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$wheel" ]; then
+        say "building mpi4py against $(command -v mpicc) (a few minutes, once)"
+        tmp=$(mktemp -d)
+        MPICC=$(command -v mpicc) pip wheel --no-deps --no-binary mpi4py -w "$tmp" 'mpi4py>=3.1'
+        built=$(ls "$tmp"/mpi4py-*.whl)
+        mkdir -p "$mpi4py_dir"
+        cp "$built" "$mpi4py_dir/.partial" && mv "$mpi4py_dir/.partial" "$mpi4py_dir/$(basename "$built")"
+        rm -rf "$tmp"
+        wheel="$mpi4py_dir/$(basename "$built")"
+    fi
+    pip install "$wheel"
 fi
 
 # --- 5. horovod, from the wheel cache or built once -----------------------------------
@@ -106,8 +119,6 @@ if [ -z "${HOROVOD_GPU_OPERATIONS+x}" ] && have nvcc && [ "$torch_cuda" != cpu ]
     export HOROVOD_GPU_OPERATIONS=NCCL
 fi
 gpu_ops=${HOROVOD_GPU_OPERATIONS:-none}
-mpi_id=$(mpirun --version 2>/dev/null | head -n1 | tr -c 'A-Za-z0-9.\n' '_')
-py_id=$("$py" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')
 key=$(printf '%s' "$HOROVOD_VERSION|$py_id|$torch_version|$torch_cuda|$mpi_id|$gpu_ops" | sha256sum | cut -c1-16)
 wheel_dir="$cache/horovod/$key"
 
@@ -158,4 +169,4 @@ say "installing mpirl (editable${extras:+, extras: $extras})"
 pip install -e "$target"
 
 echo "$stamp" >"$venv/.mpirl-stamp"
-say "ready: $venv (torch $torch_version/$torch_cuda, horovod $HOROVOD_VERSION, $("$py" -c 'import mpi4py.MPI as M; print(M.Get_library_version().splitlines()[0])'))"
+say "ready: $venv (torch $torch_version/$torch_cuda, horovod $HOROVOD_VERSION, $("$py" -c 'import mpi4py.MPI as M; print(M.Get_library_version().strip(chr(0)).splitlines()[0])'))"

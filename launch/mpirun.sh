@@ -42,6 +42,11 @@ if [ "$oversubscribe" = 1 ] || [ "$np" -gt "$cores" ]; then
 else
     flags+=(--bind-to core --map-by core)
 fi
+if [ "$np" -ge "$cores" ]; then
+    # Ranks fill every core, so each rank's main thread and Horovod's background thread share
+    # one: let MPI yield instead of spinning while it waits (+20% updates/s at 2 ranks on 2 cores).
+    export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
+fi
 export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
 # shellcheck disable=SC2086
 exec mpirun "${flags[@]}" ${MPIRL_MPIRUN_ARGS:-} "$@"

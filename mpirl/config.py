@@ -53,10 +53,9 @@ class Config:
     )
     eval_episodes: int = _opt(20, "episodes per greedy evaluation, split across ranks")
     target_return: Optional[float] = _opt(
-        None,
-        "stop once a periodic evaluation's mean return reaches this; default: the env's "
-        "reward_threshold (475 for CartPole-v1); 'none' disables early stopping",
+        None, "return that counts as solved; default (or 'auto'): the env's reward_threshold, 475 for CartPole-v1"
     )
+    early_stop: bool = _opt(True, "stop once a periodic evaluation's mean return reaches target_return")
     final_eval_episodes: int = _opt(20, "episodes of the greedy evaluation that ends the run; 0 skips it")
 
     # --- replay ----------------------------------------------------------------------
@@ -209,7 +208,7 @@ def _coerce(name: str, raw: Any) -> Any:
     flag = _flag(name)
     try:
         if name == "target_return":
-            if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "")):
+            if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "auto", "")):
                 return None
             return float(raw)
         if tp is bool:

@@ -39,6 +39,7 @@ def mpi_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
         # Containers often forbid the cross-memory-attach syscalls OpenMPI's shared memory uses.
         OMPI_MCA_btl_vader_single_copy_mechanism="none",
         OMPI_MCA_rmaps_base_oversubscribe="1",
+        OMPI_MCA_mpi_yield_when_idle="1",
         PYTHONUNBUFFERED="1",
         PYTHONFAULTHANDLER="1",
     )

@@ -15,10 +15,11 @@ def test_defaults_are_valid():
 
 def test_flags_and_types():
     cfg = parse_args(["--env", "Acrobot-v1", "--seed", "7", "--hidden-sizes", "64,32", "--lr", "3e-4",
-                      "--no-double-dqn", "--dueling", "--total-env-steps", "1_000", "--target-return", "none"])
+                      "--no-double-dqn", "--dueling", "--total-env-steps", "1_000", "--target-return", "auto", "--no-early-stop"])
     assert cfg.env_id == "Acrobot-v1" and cfg.seed == 7 and cfg.hidden_sizes == (64, 32)
     assert cfg.lr == pytest.approx(3e-4) and cfg.double_dqn is False and cfg.dueling is True
-    assert cfg.total_env_steps == 1000 and cfg.target_return is None
+    assert cfg.total_env_steps == 1000 and cfg.target_return is None and cfg.early_stop is False
+    assert parse_args(["--target-return", "195.5"]).target_return == 195.5
 
 
 def test_toml_then_flags_override(tmp_path):
