@@ -1,7 +1,7 @@
 """mpirl: synchronous data-parallel deep Q-learning over MPI ranks with Horovod.
 
-    from mpirl import Config, train
-    summary = train(Config(env_id="CartPole-v1", seed=3))   # run under mpirun for N ranks
+from mpirl import Config, train
+summary = train(Config(env_id="CartPole-v1", seed=3))   # run under mpirun for N ranks
 """
 
 from __future__ import annotations

@@ -48,9 +48,7 @@ class Config:
     total_env_steps: int = _opt(
         300_000, "budget of environment steps summed over all ranks (the run may stop earlier on target_return)"
     )
-    eval_interval: int = _opt(
-        5_000, "global env steps between greedy evaluations during training; 0 disables them"
-    )
+    eval_interval: int = _opt(5_000, "global env steps between greedy evaluations during training; 0 disables them")
     eval_episodes: int = _opt(20, "episodes per greedy evaluation, split across ranks")
     target_return: Optional[float] = _opt(
         None, "return that counts as solved; default (or 'auto'): the env's reward_threshold, 475 for CartPole-v1"
@@ -66,9 +64,7 @@ class Config:
     prioritized: bool = _opt(False, "prioritized replay (sum tree) instead of uniform")
     per_alpha: float = _opt(0.6, "PER priority exponent alpha, in [0, 1]")
     per_beta0: float = _opt(0.4, "PER importance-weight exponent at the start, annealed linearly to 1")
-    per_beta_steps: int = _opt(
-        0, "global env steps over which PER beta reaches 1; 0 means total_env_steps"
-    )
+    per_beta_steps: int = _opt(0, "global env steps over which PER beta reaches 1; 0 means total_env_steps")
     per_eps: float = _opt(1e-6, "added to |TD error| so no priority is zero")
 
     # --- DQN -------------------------------------------------------------------------
@@ -99,7 +95,9 @@ class Config:
     backward_passes_per_step: int = _opt(
         1, "batches per rank whose gradients are accumulated locally before each allreduce"
     )
-    device: str = _opt("auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    device: str = _opt(
+        "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
     torch_threads: int = _opt(0, "torch intra-op threads per rank; 0 = cores / ranks on this node")
 
     # --- output ----------------------------------------------------------------------
@@ -127,7 +125,7 @@ class Config:
         return d
 
     # --- validation ------------------------------------------------------------------
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Raise ConfigError for any bad value or combination; return self."""
         positive = (
             "num_envs_per_rank", "total_env_steps", "eval_episodes", "buffer_size_per_rank",
@@ -186,6 +184,7 @@ class Config:
 
 
 # --- CLI and TOML --------------------------------------------------------------------
+
 
 def _flag(name: str) -> str:
     f = Config.__dataclass_fields__[name]
@@ -304,13 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(tp, "INTS")
         help_text = f.metadata["help"]
         if tp is bool:
-            p.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar=metavar, help=f"{help_text} (default: {default})")
-            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="false",
-                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const="true",
+                default=argparse.SUPPRESS,
+                metavar=metavar,
+                help=f"{help_text} (default: {default})",
+            )
+            p.add_argument(
+                "--no-" + flag[2:],
+                dest=f.name,
+                action="store_const",
+                const="false",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
         else:
-            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{help_text} (default: {default})")
+            p.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})"
+            )
     return p
 
 

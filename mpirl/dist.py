@@ -59,9 +59,8 @@ def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
     """
     # mpi4py first: it asks for MPI_THREAD_MULTIPLE, which Horovod's background thread needs;
     # Horovod then reuses the initialised MPI.
-    from mpi4py import MPI  # noqa: F401
-
     import horovod.torch as hvd
+    from mpi4py import MPI  # noqa: F401
 
     hvd.init()  # HVD: init (collective over the world communicator)
     rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()

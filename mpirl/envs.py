@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -90,7 +90,7 @@ def make_vector(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     oversubscribe the node. The env steps are cheap next to the update.
     """
     fns: list[Callable[[], gym.Env]] = [lambda: _make_one(env_id) for _ in range(num_envs)]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if "autoreset_mode" in inspect.signature(gym.vector.SyncVectorEnv.__init__).parameters:
         kwargs["autoreset_mode"] = gym.vector.AutoresetMode.NEXT_STEP
     return gym.vector.SyncVectorEnv(fns, **kwargs)
@@ -104,7 +104,9 @@ class EpisodeTracker:
         self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.prev_done = np.zeros(num_envs, dtype=bool)
 
-    def step(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> tuple[np.ndarray, list[float], list[int]]:
+    def step(
+        self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
+    ) -> tuple[np.ndarray, list[float], list[int]]:
         """Account one vector step. Returns (valid mask, finished returns, finished lengths)."""
         valid = ~self.prev_done
         self.returns[self.prev_done] = 0.0
@@ -129,7 +131,7 @@ def evaluate(
         return []
     envs = make_vector(env_id, len(seeds))
     try:
-        obs, _ = envs.reset(seed=list(seeds))
+        obs, _ = envs.reset(seed=list(seeds))  # type: ignore[arg-type]  # vector envs take one seed per env
         returns = np.zeros(len(seeds))
         active = np.ones(len(seeds), dtype=bool)
         for _ in range(max_steps):

@@ -40,7 +40,7 @@ class Transitions(NamedTuple):
     terminated: np.ndarray
 
     @property
-    def count(self) -> int:
+    def size(self) -> int:
         return len(self.actions)
 
 
@@ -73,7 +73,7 @@ class ReplayBuffer:
 
     def add(self, t: Transitions) -> np.ndarray:
         """Store transitions (vectorised, wrapping around); returns the slots written."""
-        k = t.count
+        k = t.size
         if k == 0:
             return np.zeros(0, dtype=np.int64)
         if k > self.capacity:  # only the newest fit
@@ -272,9 +272,9 @@ class NStepAccumulator:
             pend = self._pending[e]
             pend.append((obs[e], int(actions[e]), float(rewards[e])))
             if terminated[e] or truncated[e]:
-                self._emit(out, e, next_obs[e], bool(terminated[e]), len(pend))
+                self._emit(out, int(e), next_obs[e], bool(terminated[e]), len(pend))
             elif len(pend) == self.n:
-                self._emit(out, e, next_obs[e], False, 1)
+                self._emit(out, int(e), next_obs[e], False, 1)
         if not out:
             return None
         o, a, r, no, k, term = zip(*out)

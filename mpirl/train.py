@@ -1,7 +1,7 @@
 """``python -m mpirl.train``: the command-line entry point (the loop is in mpirl.trainer).
 
-    python -m mpirl.train --help
-    mpirun -np 2 python -m mpi4py -m mpirl.train --env CartPole-v1 --seed 3
+python -m mpirl.train --help
+mpirun -np 2 python -m mpi4py -m mpirl.train --env CartPole-v1 --seed 3
 """
 
 import sys

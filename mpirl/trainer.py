@@ -22,10 +22,9 @@ import datetime as _dt
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,12 +54,15 @@ class Summary:
     param_checksum: float  # float64 sum of the online parameters (same on every rank)
 
     def line(self) -> str:
-        ev = (
-            f"greedy eval {self.final_eval_mean:.1f} ± {self.final_eval_std:.1f} over {self.final_eval_episodes} episodes"
-            if self.final_eval_episodes
-            else "no final evaluation"
+        ev = "no final evaluation"
+        if self.final_eval_episodes:
+            ev = f"greedy eval {self.final_eval_mean:.1f} ± {self.final_eval_std:.1f}"
+            ev += f" over {self.final_eval_episodes} episodes"
+        target = (
+            ""
+            if self.target_return is None
+            else f" (target {self.target_return:g}: {'solved' if self.solved else 'not solved'})"
         )
-        target = "" if self.target_return is None else f" (target {self.target_return:g}: {'solved' if self.solved else 'not solved'})"
         return (
             f"mpirl: done: {self.env_id}, {self.world_size} rank(s), {self.global_env_steps:,} env steps, "
             f"{self.updates:,} updates, {self.episodes:,} episodes in {self.wall_time_s:.1f} s; {ev}{target}"
@@ -145,7 +147,9 @@ class Agent:
             with torch.no_grad():
                 next_q_target = self.target(next_obs)
                 next_q_online = self.online(next_obs) if cfg.double_dqn else None
-                targets = algo.td_targets(self._tensor(b.rewards), self._tensor(b.discounts), next_q_target, next_q_online)
+                targets = algo.td_targets(
+                    self._tensor(b.rewards), self._tensor(b.discounts), next_q_target, next_q_online
+                )
             loss, td = algo.td_loss(self.online(obs), self._tensor(b.actions), targets, self._tensor(b.weights))
             # Horovod sums nothing across passes itself; average them so the step size
             # does not depend on backward_passes_per_step.
@@ -179,6 +183,11 @@ def _evaluate_global(
     mean = s[0] / n
     std = math.sqrt(max(s[1] / n - mean**2, 0.0))
     return float(mean), float(std), float(lo)
+
+
+def _crossed(step: int, step_size: int, interval: int) -> bool:
+    """Did the last ``step_size`` steps up to ``step`` cross a multiple of ``interval``?"""
+    return interval > 0 and step // interval > (step - step_size) // interval
 
 
 def _fmt_time(seconds: float) -> str:
@@ -217,7 +226,7 @@ def train(cfg: Config) -> Summary:
 
     # Per-rank state: env shard, replay, RNG (own generator; no global RNG relied on).
     vec = envs.make_vector(cfg.env_id, E)
-    obs, _ = vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))
+    obs, _ = vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))  # type: ignore[arg-type]
     rng = np.random.default_rng([cfg.seed, ctx.rank])
     if cfg.prioritized:
         buffer: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
@@ -268,9 +277,7 @@ def train(cfg: Config) -> Summary:
                 loss_acc += agent.update(buffer, rng, beta)
                 loss_n += 1
 
-        crossed = lambda interval: interval > 0 and global_steps // interval > (global_steps - steps_per_iter) // interval  # noqa: E731
-
-        if crossed(cfg.log_interval) or global_steps >= cfg.total_env_steps:
+        if _crossed(global_steps, steps_per_iter, cfg.log_interval) or global_steps >= cfg.total_env_steps:
             win[3] += float(loss_acc)
             win[4] += loss_n
             loss_acc.zero_()
@@ -303,9 +310,13 @@ def train(cfg: Config) -> Summary:
                 f"eval {last_eval:6.1f} | eta {_fmt_time(eta)}"
             )
 
-        if crossed(cfg.eval_interval) and iteration * E >= cfg.learning_starts_per_rank:
+        if _crossed(global_steps, steps_per_iter, cfg.eval_interval) and iteration * E >= cfg.learning_starts_per_rank:
             mean, std, lo = _evaluate_global(
-                agent, cfg.env_id, ctx, cfg.eval_episodes, cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes,
+                agent,
+                cfg.env_id,
+                ctx,
+                cfg.eval_episodes,
+                cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes,
                 name="mpirl.eval",
             )
             eval_round += 1
@@ -314,7 +325,10 @@ def train(cfg: Config) -> Summary:
                 writer.write("eval", {"global_env_steps": global_steps, "updates": agent.updates,
                                       "eval_mean_return": mean, "eval_std_return": std, "eval_min_return": lo,
                                       "wall_time_s": time.perf_counter() - t_start})  # fmt: skip
-            log(f"eval  {global_steps:>9,} | greedy return {mean:.1f} ± {std:.1f} (min {lo:.1f}) over {cfg.eval_episodes} episodes")
+            log(
+                f"eval  {global_steps:>9,} | greedy return {mean:.1f} ± {std:.1f} (min {lo:.1f}) "
+                f"over {cfg.eval_episodes} episodes"
+            )
             if cfg.early_stop and target_return is not None and mean >= target_return:
                 stopped_early = True  # same mean on every rank -> every rank stops here
                 log(f"mpirl: evaluation reached the target return {target_return:g}; stopping")
@@ -364,4 +378,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     return dist.run_or_abort(run, user_errors=(ConfigError, envs.EnvError))
-

@@ -61,7 +61,10 @@ def run(cmd: Sequence[str], timeout: float, env: Optional[dict[str, str]] = None
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+        pytest.fail(
+            f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n"
+            f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
+        )
     return Result(proc.returncode, out, err, time.monotonic() - t0)
 
 

@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-
-from mpi_launch import mpi_env, mpirun, run
+from mpi_launch import mpirun, run
 
 pytestmark = pytest.mark.mpi
 SHORT = ["--total-env-steps", "2000", "--learning-starts-per-rank", "200", "--hidden-sizes", "32,32",

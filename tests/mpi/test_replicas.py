@@ -2,18 +2,23 @@
 
 import json
 import os
-import sys
 
 import pytest
-
 from mpi_launch import mpirun
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "train_and_report.py")
 pytestmark = pytest.mark.mpi
 
 BASE = dict(
-    total_env_steps=1600, learning_starts_per_rank=200, batch_size_per_rank=32, hidden_sizes=[32, 32],
-    eval_interval=0, final_eval_episodes=4, target_update_interval=20, log_interval=800, tensorboard=False,
+    total_env_steps=1600,
+    learning_starts_per_rank=200,
+    batch_size_per_rank=32,
+    hidden_sizes=[32, 32],
+    eval_interval=0,
+    final_eval_episodes=4,
+    target_update_interval=20,
+    log_interval=800,
+    tensorboard=False,
 )
 
 

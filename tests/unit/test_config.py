@@ -14,8 +14,25 @@ def test_defaults_are_valid():
 
 
 def test_flags_and_types():
-    cfg = parse_args(["--env", "Acrobot-v1", "--seed", "7", "--hidden-sizes", "64,32", "--lr", "3e-4",
-                      "--no-double-dqn", "--dueling", "--total-env-steps", "1_000", "--target-return", "auto", "--no-early-stop"])
+    cfg = parse_args(
+        [
+            "--env",
+            "Acrobot-v1",
+            "--seed",
+            "7",
+            "--hidden-sizes",
+            "64,32",
+            "--lr",
+            "3e-4",
+            "--no-double-dqn",
+            "--dueling",
+            "--total-env-steps",
+            "1_000",
+            "--target-return",
+            "auto",
+            "--no-early-stop",
+        ]
+    )
     assert cfg.env_id == "Acrobot-v1" and cfg.seed == 7 and cfg.hidden_sizes == (64, 32)
     assert cfg.lr == pytest.approx(3e-4) and cfg.double_dqn is False and cfg.dueling is True
     assert cfg.total_env_steps == 1000 and cfg.target_return is None and cfg.early_stop is False
@@ -24,7 +41,9 @@ def test_flags_and_types():
 
 def test_toml_then_flags_override(tmp_path):
     p = tmp_path / "run.toml"
-    p.write_text('env = "Acrobot-v1"\nseed = 3\nbatch-size-per-rank = 32\nhidden_sizes = [16, 16]\n[train]\nlr = 0.01\n')
+    p.write_text(
+        'env = "Acrobot-v1"\nseed = 3\nbatch-size-per-rank = 32\nhidden_sizes = [16, 16]\n[train]\nlr = 0.01\n'
+    )
     cfg = parse_args(["--config", str(p), "--seed", "9"])
     assert cfg.env_id == "Acrobot-v1" and cfg.seed == 9 and cfg.batch_size_per_rank == 32
     assert cfg.hidden_sizes == (16, 16) and cfg.lr == pytest.approx(0.01)

@@ -104,13 +104,27 @@ def test_nstep_returns_hand_computed(terminated):
 def test_nstep_skips_autoreset_steps_and_keeps_envs_apart():
     acc = NStepAccumulator(2, n=1, gamma=0.99)
     obs = np.array([[0.0], [10.0]])
-    r = acc.push(obs, np.array([0, 1]), np.array([1.0, 2.0]), obs + 1, np.array([True, False]),
-                 np.array([False, False]), np.array([True, True]))
-    assert r is not None and r.count == 2
+    r = acc.push(
+        obs,
+        np.array([0, 1]),
+        np.array([1.0, 2.0]),
+        obs + 1,
+        np.array([True, False]),
+        np.array([False, False]),
+        np.array([True, True]),
+    )
+    assert r is not None and r.size == 2
     # next step: env 0 is autoresetting -> ignored
-    r = acc.push(obs + 1, np.array([0, 1]), np.array([0.0, 3.0]), obs + 2, np.array([False, False]),
-                 np.array([False, False]), np.array([False, True]))
-    assert r.count == 1 and r.obs[0, 0] == 11.0 and r.rewards[0] == 3.0
+    r = acc.push(
+        obs + 1,
+        np.array([0, 1]),
+        np.array([0.0, 3.0]),
+        obs + 2,
+        np.array([False, False]),
+        np.array([False, False]),
+        np.array([False, True]),
+    )
+    assert r.size == 1 and r.obs[0, 0] == 11.0 and r.rewards[0] == 3.0
 
 
 def test_sumtree_find_matches_cumsum():
