@@ -100,6 +100,16 @@ class Config:
     )
     torch_threads: int = _opt(0, "torch intra-op threads per rank; 0 = cores / ranks on this node")
 
+    # --- checkpoints -----------------------------------------------------------------
+    checkpoint_interval: int = _opt(
+        50_000, "global env steps between checkpoints (HDF5 in <run_dir>/checkpoints); 0: only at the end"
+    )
+    keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep; 0 keeps all")
+    resume: str = _opt(
+        "", "'auto': continue from the run directory's latest checkpoint if there is one; or a checkpoint path"
+    )
+    checkpoint_replay: bool = _opt(True, "include every rank's replay shard in checkpoints (needed for exact resume)")
+
     # --- output ----------------------------------------------------------------------
     run_dir: str = _opt("", "run directory; default runs/<env>-s<seed>-<timestamp>")
     log_interval: int = _opt(10_000, "global env steps between progress lines")
@@ -137,7 +147,7 @@ class Config:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = (
             "eval_interval", "final_eval_episodes", "learning_starts_per_rank", "eps_decay_steps",
-            "per_beta_steps", "torch_threads", "max_grad_norm",
+            "per_beta_steps", "torch_threads", "max_grad_norm", "checkpoint_interval", "keep_checkpoints",
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:

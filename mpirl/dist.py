@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+_COMM: Any = None  # mpi4py communicator for shard streaming, created by init()
+_SHARD_TAG = 4242
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,13 @@ def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
     # mpi4py first: it asks for MPI_THREAD_MULTIPLE, which Horovod's background thread needs;
     # Horovod then reuses the initialised MPI.
     import horovod.torch as hvd
-    from mpi4py import MPI  # noqa: F401
+    from mpi4py import MPI
 
     hvd.init()  # HVD: init (collective over the world communicator)
+    global _COMM
+    if _COMM is None:
+        # Our own communicator for point-to-point shard streaming, apart from Horovod's.
+        _COMM = MPI.COMM_WORLD.Dup()  # MPI: collective
     rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
@@ -145,6 +151,42 @@ def gather_objects(obj: Any, name: str) -> list[Any]:
     return hvd.allgather_object(obj, name=name)  # HVD: allgather
 
 
+def send_arrays(dest: int, meta: Any, arrays: dict[str, np.ndarray], chunk_bytes: int) -> None:
+    """Point-to-point: stream ``meta`` and ``arrays`` to rank ``dest`` in chunks of at most
+    ``chunk_bytes``, so neither side ever holds a second full copy. Pairs with recv_arrays."""
+    specs = [(name, a.shape, a.dtype.str) for name, a in arrays.items()]
+    _COMM.send((meta, specs), dest=dest, tag=_SHARD_TAG)  # MPI: send header
+    for a in arrays.values():  # h5py datasets work too: they are read chunk by chunk
+        row_bytes = max(1, a[:1].nbytes if len(a) else 1)
+        rows = max(1, chunk_bytes // row_bytes)
+        for start in range(0, len(a), rows):
+            chunk = np.ascontiguousarray(a[start : start + rows])
+            _COMM.Send(chunk.view(np.uint8).reshape(-1), dest=dest, tag=_SHARD_TAG)  # MPI: send chunk
+
+
+def recv_arrays(
+    source: int,
+    on_header: Callable[[Any, list[tuple[str, tuple[int, ...], str]]], None],
+    on_chunk: Callable[[str, int, np.ndarray], None],
+    chunk_bytes: int,
+) -> None:
+    """Point-to-point: receive what ``send_arrays`` streams from rank ``source``; calls
+    ``on_header(meta, specs)`` once, then ``on_chunk(name, first_row, rows)`` per chunk."""
+    meta, specs = _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive header
+    on_header(meta, specs)
+    for name, shape, dtype_str in specs:
+        dtype = np.dtype(dtype_str)
+        n = shape[0] if shape else 0
+        row_shape = tuple(shape[1:])
+        row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
+        rows = max(1, chunk_bytes // row_bytes)
+        for start in range(0, n, rows):
+            k = min(rows, n - start)
+            buf = np.empty((k, *row_shape), dtype=dtype)
+            _COMM.Recv(buf.view(np.uint8).reshape(-1), source=source, tag=_SHARD_TAG)  # MPI: receive chunk
+            on_chunk(name, start, buf)
+
+
 def abort(code: int = 1) -> None:
     """End the whole job now (MPI_Abort) when it has more than one rank; else exit."""
     sys.stderr.flush()
@@ -154,6 +196,19 @@ def abort(code: int = 1) -> None:
 
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+def _settle(timeout: float = 10.0) -> None:
+    """Wait (bounded) until every rank got here, so that no rank's exit aborts a peer before
+    it printed its message. Only for errors all ranks raise alike (agreed by a collective)."""
+    if _COMM is None or _COMM.Get_size() == 1:
+        return
+    import time
+
+    req = _COMM.Ibarrier()  # MPI: non-blocking barrier, polled with a deadline
+    deadline = time.monotonic() + timeout
+    while not req.Test() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ...] = ()) -> T:
@@ -166,7 +221,11 @@ def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ..
     try:
         return fn()
     except user_errors as exc:
-        print(f"mpirl: error: {exc}", file=sys.stderr, flush=True)
+        # One write per line: print() writes text and newline apart, and mpirun's forwarding
+        # can interleave two ranks' lines between them.
+        sys.stderr.write(f"mpirl: error: {exc}\n")
+        sys.stderr.flush()
+        _settle()
         sys.exit(2)
     except (SystemExit, KeyboardInterrupt):
         raise

@@ -96,6 +96,32 @@ def make_vector(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     return gym.vector.SyncVectorEnv(fns, **kwargs)
 
 
+def vector_state(vec: gym.vector.VectorEnv) -> Optional[dict[str, Any]]:
+    """Picklable state of a sync vector env (its sub-envs with their RNGs, and which envs
+    autoreset on the next step), or None when a sub-env cannot be pickled (e.g. emulators)."""
+    import pickle
+
+    state = {"envs": getattr(vec, "envs", None), "autoreset": getattr(vec, "_autoreset_envs", None)}
+    if state["envs"] is None or state["autoreset"] is None:
+        return None
+    try:
+        pickle.dumps(state)
+    except Exception:  # an env holding handles, C objects, ...
+        return None
+    return state
+
+
+def restore_vector_state(vec: gym.vector.VectorEnv, state: dict[str, Any]) -> None:
+    """Put sub-envs saved by ``vector_state`` back into a fresh vector env of the same size."""
+    old = vec.envs  # type: ignore[attr-defined]
+    if len(state["envs"]) != len(old):
+        raise ValueError(f"saved env shard has {len(state['envs'])} envs, this one {len(old)}")
+    for env in old:
+        env.close()
+    vec.envs = list(state["envs"])  # type: ignore[attr-defined]
+    vec._autoreset_envs = np.array(state["autoreset"], dtype=bool)  # type: ignore[attr-defined]
+
+
 class EpisodeTracker:
     """Per-env running returns/lengths and the autoreset mask of a vector env shard."""
 

@@ -12,7 +12,7 @@ bootstrapping from the real final observation; a termination does not.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -115,20 +115,56 @@ class ReplayBuffer:
 
     # --- snapshot support (checkpoints) ----------------------------------------------
     def export_arrays(self) -> dict[str, np.ndarray]:
-        """The filled part, oldest first, plus nothing derived; safe to write to HDF5."""
-        order = self._chronological()
-        return {f: getattr(self, f)[order] for f in self.FIELDS}
+        """Views of the filled slots ``[0, size)`` in slot order (the oldest is at ``pos`` once
+        the ring has wrapped); with ``state()`` this restores the exact layout."""
+        return {f: getattr(self, f)[: self.size] for f in self.FIELDS}
 
-    def _chronological(self) -> np.ndarray:
-        if self.size < self.capacity:
-            return np.arange(self.size)
-        return (self.pos + np.arange(self.capacity)) % self.capacity
+    def state(self) -> dict[str, Any]:
+        """Scalars that, with the exported arrays, restore this buffer exactly."""
+        return {"capacity": self.capacity, "pos": self.pos, "size": self.size, "total_added": self.total_added}
 
-    def import_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the contents with exported arrays (oldest first); extra ones are dropped."""
+    def import_arrays(self, arrays: dict[str, np.ndarray], state: Optional[dict[str, Any]] = None) -> None:
+        """Replace the contents with exported arrays; with ``state`` (same capacity) the slot
+        layout is restored exactly, else the rows are taken as oldest first."""
+        total = len(arrays["actions"])
+        self.begin_import(total)
+        for name, a in arrays.items():
+            self.import_rows(name, 0, a)
+        self.end_import(total, state)
+
+    # Streaming import: rows arrive field by field in chunks (from a checkpoint), straight
+    # into the buffer's arrays; no second copy of the shard is ever held.
+    def begin_import(self, total_rows: int) -> None:
+        """Start replacing the contents with ``total_rows`` rows, oldest first; when they
+        exceed the capacity, only the newest ``capacity`` rows are kept."""
+        self._skip = max(0, total_rows - self.capacity)
         self.pos = 0
         self.size = 0
-        self.add(Transitions(*(arrays[f] for f in self.FIELDS)))
+
+    def import_rows(self, name: str, first_row: int, rows: np.ndarray) -> None:
+        """Write rows ``first_row..`` (of the ``total_rows``) of field ``name``."""
+        lo = max(first_row, self._skip)
+        if lo >= first_row + len(rows):
+            return
+        part = rows[lo - first_row :]
+        dst = lo - self._skip
+        if name in self.FIELDS:
+            getattr(self, name)[dst : dst + len(part)] = part
+        else:
+            self._import_extra(name, dst, part)
+
+    def _import_extra(self, name: str, dst: int, rows: np.ndarray) -> None:
+        """Fields only some buffers keep (PER priorities); a uniform buffer drops them."""
+
+    def end_import(self, total_rows: int, state: Optional[dict[str, Any]] = None) -> None:
+        """Finish an import. ``state`` from ``state()`` of a buffer of the same capacity
+        restores its ring position; without it the rows were oldest first."""
+        self.size = min(total_rows, self.capacity)
+        self.pos = self.size % self.capacity
+        self.total_added = total_rows
+        if state is not None and state["capacity"] == self.capacity and state["size"] == self.size:
+            self.pos = int(state["pos"])
+            self.total_added = int(state["total_added"])
 
 
 class SumTree:
@@ -226,17 +262,30 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def export_arrays(self) -> dict[str, np.ndarray]:
         out = super().export_arrays()
-        out["priorities"] = self.tree.get(self._chronological()).astype(np.float32)
+        out["priorities"] = self.tree.get(np.arange(self.size))  # leaves (p^alpha), float64
         return out
 
-    def import_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "max_priority": self.max_priority}
+
+    def begin_import(self, total_rows: int) -> None:
+        super().begin_import(total_rows)
         self.tree = SumTree(self.capacity)
-        super().import_arrays(arrays)  # sets max priority on every slot
-        if "priorities" in arrays:
-            prio = np.asarray(arrays["priorities"], dtype=np.float64)[-self.capacity :]
-            self.tree.set(np.arange(len(prio)), prio)
-            if len(prio):
-                self.max_priority = max(1.0, float(prio.max()) ** (1.0 / max(self.alpha, 1e-12)))
+        self._import_prio = np.full(min(total_rows, self.capacity), self.max_priority**self.alpha)
+
+    def _import_extra(self, name: str, dst: int, rows: np.ndarray) -> None:
+        if name == "priorities":  # stored as tree leaves, i.e. already raised to alpha
+            self._import_prio[dst : dst + len(rows)] = rows
+
+    def end_import(self, total_rows: int, state: Optional[dict[str, Any]] = None) -> None:
+        super().end_import(total_rows, state)
+        if self.size:
+            self.tree.set(np.arange(self.size), self._import_prio[: self.size])
+            leaf_max = float(self._import_prio[: self.size].max())
+            self.max_priority = max(self.max_priority, leaf_max ** (1.0 / max(self.alpha, 1e-12)))
+        if state is not None and "max_priority" in state:
+            self.max_priority = float(state["max_priority"])
+        del self._import_prio
 
 
 class NStepAccumulator:

@@ -22,14 +22,17 @@ import datetime as _dt
 import json
 import math
 import os
+import pickle
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from mpirl import algo, dist, envs, model, replay
+from mpirl import algo, checkpoint, dist, envs, model, replay
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.metrics import MetricsWriter
 
@@ -51,6 +54,7 @@ class Summary:
     target_return: Optional[float]
     solved: bool  # final evaluation mean >= target_return
     stopped_early: bool  # a periodic evaluation reached target_return
+    preempted: bool  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint
     param_checksum: float  # float64 sum of the online parameters (same on every rank)
 
     def line(self) -> str:
@@ -80,7 +84,7 @@ def _prepare_run_dir(cfg: Config, rank: int) -> str:
     if rank == 0:
         path = os.path.abspath(cfg.run_dir or _default_run_dir(cfg))
         try:
-            if os.path.exists(os.path.join(path, "config.json")) and not cfg.overwrite:
+            if os.path.exists(os.path.join(path, "config.json")) and not (cfg.overwrite or cfg.resume):
                 raise ConfigError(f"run directory {path} already holds a run; pass --overwrite or another --run-dir")
             os.makedirs(path, exist_ok=True)
             with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
@@ -197,11 +201,159 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+class RankState:
+    """Everything one rank owns besides the networks: env shard, current observations,
+    replay buffer, n-step accumulator, episode tracker, its RNG and local counters."""
+
+    def __init__(self, cfg: Config, info: envs.EnvInfo, ctx: dist.DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        E = cfg.num_envs_per_rank
+        self.vec = envs.make_vector(cfg.env_id, E)
+        self.obs, _ = self.vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))  # type: ignore[arg-type]
+        self.rng = np.random.default_rng([cfg.seed, ctx.rank])  # own generator; no global RNG relied on
+        if cfg.prioritized:
+            self.buffer: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
+                cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
+            )
+        else:
+            self.buffer = replay.ReplayBuffer(cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma)
+        self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
+        self.tracker = envs.EpisodeTracker(E)
+        self.episodes = 0  # episodes finished on this rank
+        self.win = np.zeros(5)  # progress window: sum return, sum length, episodes, sum loss, loss count
+
+    def snapshot(self) -> checkpoint.RankShard:
+        """This rank's part of a checkpoint."""
+        meta = {
+            "rank": self.ctx.rank,
+            "replay": self.buffer.state(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state().numpy().tobytes().hex(),
+            "episodes": self.episodes,
+            "win": self.win.tolist(),
+        }
+        vec_state = envs.vector_state(self.vec)
+        env_blob = b""
+        if vec_state is not None:
+            env_blob = pickle.dumps(
+                {"vec": vec_state, "obs": self.obs, "tracker": self.tracker, "nstep": self.nstep._pending}
+            )
+        arrays = self.buffer.export_arrays() if self.cfg.checkpoint_replay else {}
+        return checkpoint.RankShard(meta=meta, replay=arrays, env_state=env_blob)
+
+    def restore(self, path: str, old_rows: list[int], global_steps: int) -> str:
+        """Collective: take this rank's share of the saved shards. Returns a note for the log."""
+        same = len(old_rows) == self.ctx.size
+        got: dict[str, Any] = {"metas": [], "env": bytearray()}
+
+        def begin(total: int, metas: list[dict[str, Any]]) -> None:
+            got["metas"], got["total"] = metas, total
+            self.buffer.begin_import(total)
+
+        def rows(name: str, first: int, chunk: np.ndarray) -> None:
+            if name == "env_state":
+                got["env"] += chunk.tobytes()
+            else:
+                self.buffer.import_rows(name, first, chunk)
+
+        checkpoint.restore_shards(path, self.ctx, old_rows, begin, rows)
+        metas = got["metas"]
+        self.buffer.end_import(got["total"], metas[0]["replay"] if same and metas else None)
+        if same and metas:
+            m = metas[0]
+            self.rng.bit_generator.state = m["numpy_rng"]
+            torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(m["torch_rng"]), dtype=np.uint8).copy()))
+            self.episodes, self.win = int(m["episodes"]), np.asarray(m["win"], dtype=np.float64)
+            if got["env"]:
+                blob = pickle.loads(bytes(got["env"]))
+                envs.restore_vector_state(self.vec, blob["vec"])
+                self.obs, self.tracker, self.nstep._pending = blob["obs"], blob["tracker"], blob["nstep"]
+                return "exact resume: replay, RNG and env states restored"
+        # Another world size (or envs that could not be pickled): fresh envs and RNG, seeded
+        # apart from the first run's by the step count.
+        self.rng = np.random.default_rng([self.cfg.seed, self.ctx.rank, global_steps])
+        seeds = envs.shard_seeds(self.cfg.seed + global_steps, self.ctx.rank, self.cfg.num_envs_per_rank)
+        self.obs, _ = self.vec.reset(seed=seeds)  # type: ignore[arg-type]
+        self.tracker = envs.EpisodeTracker(self.cfg.num_envs_per_rank)
+        self.nstep = replay.NStepAccumulator(self.cfg.num_envs_per_rank, self.cfg.n_step, self.cfg.gamma)
+        if not same:
+            return (
+                f"world size changed {len(old_rows)} -> {self.ctx.size}: replay shards redistributed "
+                f"({sum(old_rows):,} transitions), env shards and RNGs start fresh"
+            )
+        return "env states were not saved (not picklable): env shards restart; replay and weights restored"
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; the
+    ranks agree on it by a collective every CHECK_EVERY iterations and stop together."""
+
+    CHECK_EVERY = 16
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum  # a second signal changes nothing: the stop is under way
+
+    def agreed(self, iteration: int) -> bool:
+        """Collective every CHECK_EVERY iterations (same iterations on every rank)."""
+        if iteration % self.CHECK_EVERY:
+            return False
+        votes = dist.allreduce_sum(np.array([1.0 if self.signum else 0.0]), name="mpirl.preempt")  # HVD
+        return bool(votes[0] > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def ignore_further(self) -> None:
+        """Once a stop is agreed, ignore repeats at the OS level: Python resets its own handlers
+        to the default (terminate) at interpreter exit, when a late repeat would still kill us."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _resolve_resume(cfg: Config, ctx: dist.DistContext, run_dir: str, info: envs.EnvInfo) -> Optional[dict[str, Any]]:
+    """Rank 0 finds and checks the checkpoint to resume from; every rank gets its header
+    (None for a fresh start) or raises the same CheckpointError."""
+    result: tuple[Optional[dict[str, Any]], str] = (None, "")
+    if ctx.rank == 0 and cfg.resume:
+        try:
+            path = checkpoint.latest(run_dir) if cfg.resume == "auto" else cfg.resume
+            if path is not None:
+                header = checkpoint.read_header(path)
+                mismatch = [
+                    f"{what}: checkpoint {theirs}, this run {ours}"
+                    for what, theirs, ours in (
+                        ("env", header["env_id"], cfg.env_id),
+                        ("observation shape", header["obs_shape"], list(info.obs_shape)),
+                        ("actions", header["n_actions"], info.n_actions),
+                    )
+                    if theirs != ours
+                ]
+                if mismatch:
+                    raise checkpoint.CheckpointError(f"{path} does not fit this run: {'; '.join(mismatch)}")
+                result = (header, "")
+        except checkpoint.CheckpointError as exc:
+            result = (None, str(exc))
+    agreed, err = dist.broadcast_object(result, name="mpirl.resume")  # HVD: agree on what to resume
+    if err:
+        raise checkpoint.CheckpointError(err)
+    return agreed
+
+
 def train(cfg: Config) -> Summary:
     """Train with ``cfg`` on every rank of the job (a plain process is a job of one rank).
 
-    Call it on every rank (e.g. a script started with mpirun). Raises ConfigError or
-    envs.EnvError for bad input, before any collective that could hang.
+    Call it on every rank (e.g. a script started with mpirun). Raises ConfigError,
+    envs.EnvError or checkpoint.CheckpointError for bad input, on every rank alike, before
+    any collective that could hang.
     """
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
@@ -209,7 +361,6 @@ def train(cfg: Config) -> Summary:
     ctx = dist.init(cfg.device, cfg.torch_threads)
     run_dir = _prepare_run_dir(cfg, ctx.rank)
     is_root = ctx.rank == 0
-    writer = MetricsWriter(run_dir, cfg.tensorboard) if is_root else None
 
     def log(msg: str) -> None:
         if is_root:
@@ -218,72 +369,113 @@ def train(cfg: Config) -> Summary:
     target_return = cfg.target_return if cfg.target_return is not None else info.reward_threshold
     E, N = cfg.num_envs_per_rank, ctx.size
     steps_per_iter = E * N  # global env steps per vector step of every rank
+    rs = RankState(cfg, info, ctx)
+    agent = Agent(cfg, info, ctx)
+    beta_steps = cfg.per_beta_steps or cfg.total_env_steps
+
+    # Counters. Every control-flow decision below depends only on these (identical on all
+    # ranks) or on the result of a collective, so no rank branches alone.
+    global_steps = iteration = eval_round = 0
+    last_eval = float("nan")
+    resume = _resolve_resume(cfg, ctx, run_dir, info)
+    if resume is not None:
+        err = ""
+        if is_root:
+            try:
+                checkpoint.load_module(resume["path"], "online", agent.online)
+                checkpoint.load_module(resume["path"], "target", agent.target)
+                if resume["optimizer_has_state"]:
+                    checkpoint.load_optimizer(resume["path"], agent.optimizer)
+            except checkpoint.CheckpointError as exc:
+                err = str(exc)
+        err = dist.broadcast_object(err, name="mpirl.resume.load")  # HVD: agree it loaded
+        if err:
+            raise checkpoint.CheckpointError(err)
+        dist.broadcast_model(agent.online)  # HVD: rank 0's restored weights to all
+        dist.broadcast_model(agent.target)  # HVD
+        if resume["optimizer_has_state"]:
+            dist.broadcast_optimizer(agent.optimizer)  # HVD
+        c = resume["counters"]
+        global_steps, iteration, eval_round = c["global_env_steps"], c["iteration"], c["eval_round"]
+        last_eval = c["last_eval"] if c["last_eval"] is not None else float("nan")
+        agent.updates = resume["updates"]
+        if resume["world_size"] == N and c["steps_per_iter"] != steps_per_iter:
+            raise ConfigError("--num-envs-per-rank differs from the checkpoint's; keep it to resume exactly")
+        note = rs.restore(resume["path"], resume["shard_rows"], global_steps)
+        log(f"mpirl: resumed from {resume['path']} at {global_steps:,} env steps, {agent.updates:,} updates; {note}")
+
+    writer = MetricsWriter(run_dir, cfg.tensorboard) if is_root else None
     log(
         f"mpirl: {cfg.env_id} on {N} rank(s), device {ctx.device}, {E} envs/rank "
         f"({steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(N)}, "
         f"lr {cfg.lr_for(N):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
 
-    # Per-rank state: env shard, replay, RNG (own generator; no global RNG relied on).
-    vec = envs.make_vector(cfg.env_id, E)
-    obs, _ = vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))  # type: ignore[arg-type]
-    rng = np.random.default_rng([cfg.seed, ctx.rank])
-    if cfg.prioritized:
-        buffer: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
-            cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
+    def save_checkpoint() -> None:
+        """Collective: rank 0 writes the job's state; a failure keeps the previous file."""
+        header = {
+            "global_env_steps": global_steps,
+            "updates": agent.updates,
+            "env_id": cfg.env_id,
+            "obs_shape": list(info.obs_shape),
+            "n_actions": info.n_actions,
+            "config": cfg.to_dict(),
+            "counters": {
+                "global_env_steps": global_steps,
+                "iteration": iteration,
+                "eval_round": eval_round,
+                "last_eval": None if math.isnan(last_eval) else last_eval,
+                "steps_per_iter": steps_per_iter,
+            },  # fmt: skip
+        }
+        t0 = time.perf_counter()
+        path, err = checkpoint.save(
+            run_dir, ctx, header, agent.online, agent.target, agent.optimizer, rs.snapshot(), cfg.keep_checkpoints
         )
-    else:
-        buffer = replay.ReplayBuffer(cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma)
-    nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
-    tracker = envs.EpisodeTracker(E)
-    agent = Agent(cfg, info, ctx)
-    beta_steps = cfg.per_beta_steps or cfg.total_env_steps
+        if err:
+            log(f"mpirl: warning: {err}; the previous checkpoint is kept")
+        else:
+            log(f"ckpt  {global_steps:>9,} | {path} ({time.perf_counter() - t0:.2f} s)")
 
-    # Counters. Every control-flow decision below depends only on these (identical on all
-    # ranks) or on the result of a collective, so no rank branches alone.
-    global_steps = 0
-    iteration = 0
-    episodes_local = 0
-    stopped_early = False
-    eval_round = 0
-    # Window accumulators for the progress line (local; reduced at log time).
-    win = np.zeros(5)  # sum return, sum length, episodes, sum loss, loss count
+    preemption = _Preemption()
+    preempted = stopped_early = False
+    last_ckpt = global_steps
     loss_acc = torch.zeros((), device=ctx.device)
     loss_n = 0
     t_start = time.perf_counter()
-    t_last, steps_last, updates_last = t_start, 0, 0
-    last_eval = float("nan")
+    t_last, steps_last, updates_last = t_start, global_steps, agent.updates
+    epsilon = algo.linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, global_steps)
 
     while global_steps < cfg.total_env_steps:
         epsilon = algo.linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, global_steps)
-        actions = agent.act(obs, epsilon, rng)
-        next_obs, rewards, terminated, truncated, _ = vec.step(actions)
-        valid, fin_r, fin_l = tracker.step(rewards, terminated, truncated)
-        ready = nstep.push(obs, actions, rewards, next_obs, terminated, truncated, valid)
+        actions = agent.act(rs.obs, epsilon, rs.rng)
+        next_obs, rewards, terminated, truncated, _ = rs.vec.step(actions)
+        valid, fin_r, fin_l = rs.tracker.step(rewards, terminated, truncated)
+        ready = rs.nstep.push(rs.obs, actions, rewards, next_obs, terminated, truncated, valid)
         if ready is not None:
-            buffer.add(ready)
+            rs.buffer.add(ready)
         if fin_r:
-            episodes_local += len(fin_r)
-            win[0] += sum(fin_r)
-            win[1] += sum(fin_l)
-            win[2] += len(fin_r)
-        obs = next_obs
+            rs.episodes += len(fin_r)
+            rs.win[0] += sum(fin_r)
+            rs.win[1] += sum(fin_l)
+            rs.win[2] += len(fin_r)
+        rs.obs = next_obs
         iteration += 1
         global_steps += steps_per_iter
 
         if iteration * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
             beta = algo.linear_schedule(cfg.per_beta0, 1.0, beta_steps, global_steps)
             for _ in range(cfg.gradient_steps):
-                loss_acc += agent.update(buffer, rng, beta)
+                loss_acc += agent.update(rs.buffer, rs.rng, beta)
                 loss_n += 1
 
         if _crossed(global_steps, steps_per_iter, cfg.log_interval) or global_steps >= cfg.total_env_steps:
-            win[3] += float(loss_acc)
-            win[4] += loss_n
+            rs.win[3] += float(loss_acc)
+            rs.win[4] += loss_n
             loss_acc.zero_()
             loss_n = 0
-            tot = dist.allreduce_sum(win, name="mpirl.metrics")  # HVD: allreduce of metric sums
-            win[:] = 0
+            tot = dist.allreduce_sum(rs.win, name="mpirl.metrics")  # HVD: allreduce of metric sums
+            rs.win[:] = 0
             now = time.perf_counter()
             sps = (global_steps - steps_last) / max(now - t_last, 1e-9)
             ups = (agent.updates - updates_last) / max(now - t_last, 1e-9)
@@ -291,7 +483,6 @@ def train(cfg: Config) -> Summary:
             record = {
                 "global_env_steps": global_steps,
                 "updates": agent.updates,
-                "episodes": None,
                 "wall_time_s": now - t_start,
                 "sps": sps,
                 "updates_per_s": ups,
@@ -302,7 +493,7 @@ def train(cfg: Config) -> Summary:
                 "eval_mean_return": last_eval,
             }
             if writer is not None:
-                writer.write("train", {k: v for k, v in record.items() if v is not None})
+                writer.write("train", record)
             eta = (cfg.total_env_steps - global_steps) / max(sps, 1e-9)
             log(
                 f"step {global_steps:>9,}/{cfg.total_env_steps:,} | {sps:7,.0f} sps | {ups:6,.0f} upd/s | "
@@ -311,14 +502,8 @@ def train(cfg: Config) -> Summary:
             )
 
         if _crossed(global_steps, steps_per_iter, cfg.eval_interval) and iteration * E >= cfg.learning_starts_per_rank:
-            mean, std, lo = _evaluate_global(
-                agent,
-                cfg.env_id,
-                ctx,
-                cfg.eval_episodes,
-                cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes,
-                name="mpirl.eval",
-            )
+            seed_base = cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes
+            mean, std, lo = _evaluate_global(agent, cfg.env_id, ctx, cfg.eval_episodes, seed_base, name="mpirl.eval")
             eval_round += 1
             last_eval = mean
             if writer is not None:
@@ -334,17 +519,30 @@ def train(cfg: Config) -> Summary:
                 log(f"mpirl: evaluation reached the target return {target_return:g}; stopping")
                 break
 
+        if _crossed(global_steps, steps_per_iter, cfg.checkpoint_interval) and global_steps < cfg.total_env_steps:
+            save_checkpoint()
+            last_ckpt = global_steps
+
+        if preemption.agreed(iteration):
+            preempted = True
+            preemption.ignore_further()
+            log(f"mpirl: stop signal received; checkpointing at {global_steps:,} env steps, then exiting")
+            break
+
+    if last_ckpt != global_steps or resume is None or global_steps == 0:
+        save_checkpoint()  # the end of the run (or of this allocation) is always on disk
+    if not preempted:
+        preemption.restore()
     wall = time.perf_counter() - t_start
-    vec.close()
-    if cfg.final_eval_episodes > 0:
+    rs.vec.close()
+    if cfg.final_eval_episodes > 0 and not preempted:
         f_mean, f_std, _ = _evaluate_global(
             agent, cfg.env_id, ctx, cfg.final_eval_episodes, cfg.seed + 2_000_000, name="mpirl.final_eval"
         )
     else:
         f_mean, f_std = float("nan"), float("nan")
-    episodes = int(dist.allreduce_sum(np.array([episodes_local]), name="mpirl.episodes")[0])  # HVD
+    episodes = int(dist.allreduce_sum(np.array([rs.episodes]), name="mpirl.episodes")[0])  # HVD
     _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time
-    checksum = model.parameter_checksum(agent.online)
     summary = Summary(
         env_id=cfg.env_id,
         run_dir=run_dir,
@@ -355,11 +553,12 @@ def train(cfg: Config) -> Summary:
         wall_time_s=wall,
         final_eval_mean=f_mean,
         final_eval_std=f_std,
-        final_eval_episodes=cfg.final_eval_episodes,
+        final_eval_episodes=0 if preempted else cfg.final_eval_episodes,
         target_return=target_return,
-        solved=bool(target_return is not None and cfg.final_eval_episodes > 0 and f_mean >= target_return),
+        solved=bool(target_return is not None and not math.isnan(f_mean) and f_mean >= target_return),
         stopped_early=stopped_early,
-        param_checksum=checksum,
+        preempted=preempted,
+        param_checksum=model.parameter_checksum(agent.online),
     )
     if writer is not None:
         writer.write("final", asdict(summary))
@@ -377,4 +576,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train(parse_args(argv))
         return 0
 
-    return dist.run_or_abort(run, user_errors=(ConfigError, envs.EnvError))
+    return dist.run_or_abort(run, user_errors=(ConfigError, envs.EnvError, checkpoint.CheckpointError))

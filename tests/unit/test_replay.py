@@ -27,7 +27,7 @@ def test_ring_wraps_and_keeps_newest():
     # slots 0,1 were overwritten by 5,6
     assert buf.actions.tolist() == [5, 6, 2, 3, 4]
     exported = buf.export_arrays()
-    assert exported["actions"].tolist() == [2, 3, 4, 5, 6]  # oldest first
+    assert exported["actions"].tolist() == [5, 6, 2, 3, 4]  # slot order; oldest at pos
     assert buf.total_added == 7
 
 
@@ -51,13 +51,25 @@ def test_uniform_sample_only_filled_slots_and_discounts():
     assert np.all(b.weights == 1.0)
 
 
-def test_export_import_roundtrip():
+def test_export_import_roundtrip_keeps_layout_and_sampling():
     buf = ReplayBuffer(4, (2,), np.float32, gamma=0.9)
     buf.add(_tr([0, 1, 2, 3, 4, 5]))
     other = ReplayBuffer(4, (2,), np.float32, gamma=0.9)
-    other.import_arrays(buf.export_arrays())
+    other.import_arrays(buf.export_arrays(), buf.state())
     for k, v in buf.export_arrays().items():
         np.testing.assert_array_equal(other.export_arrays()[k], v)
+    assert other.state() == buf.state()
+    a, b = buf.sample(16, np.random.default_rng(3)), other.sample(16, np.random.default_rng(3))
+    np.testing.assert_array_equal(a.actions, b.actions)
+    other.add(_tr([9]))
+    buf.add(_tr([9]))
+    np.testing.assert_array_equal(other.actions, buf.actions)
+
+
+def test_import_oldest_first_into_smaller_buffer_keeps_newest():
+    small = ReplayBuffer(3, (2,), np.float32, gamma=0.9)
+    small.import_arrays(_tr([0, 1, 2, 3, 4])._asdict())
+    assert small.actions.tolist() == [2, 3, 4] and len(small) == 3 and small.pos == 0
 
 
 def _push_episode(acc, rewards, terminated_at_end):
@@ -171,8 +183,9 @@ def test_per_export_import_keeps_priorities():
     buf.add(_tr([0, 1, 2]))
     buf.update_priorities(np.arange(3), np.array([1.0, 5.0, 2.0]))
     other = PrioritizedReplayBuffer(4, (2,), np.float32, gamma=0.9, alpha=1.0)
-    other.import_arrays(buf.export_arrays())
-    np.testing.assert_allclose(other.tree.get(np.arange(3)), buf.tree.get(np.arange(3)))
+    other.import_arrays(buf.export_arrays(), buf.state())
+    np.testing.assert_array_equal(other.tree.sum, buf.tree.sum)
+    assert other.max_priority == buf.max_priority
 
 
 def test_empty_sample_raises():

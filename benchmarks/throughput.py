@@ -1,0 +1,60 @@
+"""Throughput of the training loop: global env steps/s and updates/s, side by side.
+
+Variants run interleaved (A B C A B C ...) so that machine noise hits all alike; each figure
+is the median over repeats and each ratio is against the 1-rank baseline of the same run.
+Weak scaling: every rank does the same work (4 envs, batch 64 per rank), so ideal scaling
+from 1 to 2 ranks doubles global env steps/s at the same updates/s.
+
+    .venv/bin/python benchmarks/throughput.py [--steps-per-rank 12000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from common import machine, run_mpirl
+
+VARIANTS = {
+    "1 rank": (1, {}),
+    "2 ranks": (2, {}),
+    # launch/mpirun.sh sets mpi_yield_when_idle=1 when ranks fill the cores; this turns it off.
+    "2 ranks, MPI spinning (no yield)": (2, {"OMPI_MCA_mpi_yield_when_idle": "0"}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps-per-rank", type=int, default=12_000, help="env steps per rank per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args()
+
+    samples: dict[str, list[dict]] = {k: [] for k in VARIANTS}
+    for _ in range(args.repeats):
+        for name, (np, env) in VARIANTS.items():
+            steps = args.steps_per_rank * np
+            s = run_mpirl(np, ["--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes",
+                               "0", "--log-interval", str(steps)], env=env)  # fmt: skip
+            samples[name].append(
+                {"sps": s["global_env_steps"] / s["wall_time_s"], "ups": s["updates"] / s["wall_time_s"]}
+            )
+    base = statistics.median(x["sps"] for x in samples["1 rank"])
+    base_u = statistics.median(x["ups"] for x in samples["1 rank"])
+    results = []
+    print(f"machine: {machine()}")
+    print("| variant | global env steps/s | updates/s | env steps/s vs 1 rank | updates/s vs 1 rank |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, xs in samples.items():
+        sps = statistics.median(x["sps"] for x in xs)
+        ups = statistics.median(x["ups"] for x in xs)
+        results.append({"variant": name, "sps": sps, "ups": ups, "sps_ratio": sps / base, "ups_ratio": ups / base_u})
+        print(f"| {name} | {sps:,.0f} | {ups:,.0f} | {sps / base:.2f}x | {ups / base_u:.2f}x |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"machine": machine(), "args": vars(args), "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

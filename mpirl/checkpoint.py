@@ -1,0 +1,466 @@
+"""Checkpoints in HDF5: the only module that imports h5py.
+
+One file holds a whole job at one step: online and target weights, optimizer state, every
+counter, the config, versions, and each rank's shard (replay arrays, RNG states, env state).
+Layout (``schema_version`` 1; see README "Checkpoint layout"):
+
+    /                      attrs: format, schema_version, world_size, global_env_steps,
+                                  updates, env_id, obs_shape, n_actions, versions (JSON),
+                                  config (JSON), counters (JSON), created
+    /model/online/<name>   parameters and buffers of the online network
+    /model/target/<name>   same for the target network
+    /optimizer/state/<i>/<key>   per-parameter optimizer tensors; attrs: param_groups (JSON)
+    /ranks/<r>/            attrs: meta (JSON: replay ring state, numpy RNG state, counters)
+    /ranks/<r>/replay/<field>    obs, actions, rewards, next_obs, steps, terminated
+                                 (+ priorities), slot order, chunked + lzf-compressed
+    /ranks/<r>/env_state   pickled env shard state (uint8), when the envs could be pickled
+
+Writes are atomic: rank 0 writes ``<name>.tmp``, fsyncs, renames, fsyncs the folder, then
+points ``latest`` at it the same way, so a crash at any moment leaves the previous checkpoint
+whole. Other ranks stream their shards to rank 0 in chunks of ``CHUNK_BYTES``: rank 0's memory
+does not grow with world size x buffer size.
+
+Loading uses pickle for the env state: load only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import h5py
+import numpy as np
+import torch
+
+from mpirl import dist
+
+FORMAT = "mpirl-checkpoint"
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 32 << 20  # shard streaming chunk; also bounds rank 0's extra memory
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class RankShard:
+    """What one rank contributes: replay arrays (1-D or more, first axis = rows), and a small
+    JSON-able ``meta`` (ring state, RNG state, local counters). ``env_state`` may be empty."""
+
+    meta: dict[str, Any]
+    replay: dict[str, np.ndarray]
+    env_state: bytes
+
+
+def versions() -> dict[str, str]:
+    import gymnasium
+
+    import mpirl
+
+    out = {"mpirl": mpirl.__version__, "torch": torch.__version__, "numpy": np.__version__,
+           "gymnasium": gymnasium.__version__, "h5py": h5py.__version__}  # fmt: skip
+    try:
+        import horovod
+
+        out["horovod"] = horovod.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write_module(group: h5py.Group, module: torch.nn.Module) -> None:
+    for name, t in module.state_dict().items():
+        group.create_dataset(name, data=t.detach().cpu().numpy())
+
+
+def _write_optimizer(group: h5py.Group, optimizer: Any) -> None:
+    sd = optimizer.state_dict()
+    group.attrs["param_groups"] = json.dumps(sd["param_groups"])
+    state = group.create_group("state")
+    for idx, entry in sd["state"].items():
+        g = state.create_group(str(idx))
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                g.create_dataset(key, data=value.detach().cpu().numpy())
+            else:
+                g.attrs[key] = value
+
+
+def _dataset_for(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+    if shape[0] == 0:
+        return group.create_dataset(name, shape=shape, dtype=dtype)
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    chunk_rows = int(max(1, min(shape[0], (1 << 20) // row_bytes)))  # ~1 MiB chunks
+    return group.create_dataset(
+        name, shape=shape, dtype=dtype, chunks=(chunk_rows, *shape[1:]), compression="lzf", shuffle=True
+    )
+
+
+def save(
+    run_dir: str,
+    ctx: dist.DistContext,
+    header: dict[str, Any],
+    online: torch.nn.Module,
+    target: torch.nn.Module,
+    optimizer: Any,
+    shard: RankShard,
+    keep: int,
+) -> tuple[Optional[str], str]:
+    """Collective: write one checkpoint of the whole job; returns (path, "") on success or
+    (None, error message) on failure, identical on every rank. The previous checkpoints
+    stay untouched on failure. ``header``: global JSON-able facts (counters, config, env)."""
+    folder = checkpoint_dir(run_dir)
+    name = f"step-{int(header['global_env_steps']):012d}.h5"
+    path = os.path.join(folder, name)
+    error = ""
+    if ctx.rank == 0:
+        tmp = path + ".tmp"
+        f: Optional[h5py.File] = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            f = h5py.File(tmp, "w")
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["world_size"] = ctx.size
+            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+            f.attrs["versions"] = json.dumps(versions())
+            for key in ("global_env_steps", "updates", "env_id"):
+                f.attrs[key] = header[key]
+            f.attrs["obs_shape"] = np.asarray(header["obs_shape"], dtype=np.int64)
+            f.attrs["n_actions"] = header["n_actions"]
+            f.attrs["config"] = json.dumps(header["config"])
+            f.attrs["counters"] = json.dumps(header["counters"])
+            _write_module(f.create_group("model/online"), online)
+            _write_module(f.create_group("model/target"), target)
+            _write_optimizer(f.create_group("optimizer"), optimizer)
+            _write_shard(f, 0, shard.meta, {**shard.replay, "env_state": _bytes_array(shard.env_state)})
+        except Exception as exc:  # keep receiving below, or the other ranks would block forever
+            error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
+        for r in range(1, ctx.size):
+            _receive_shard(f if not error else None, r)
+        try:
+            if f is not None:
+                f.close()
+            if not error:
+                _fsync_file(tmp)
+                os.replace(tmp, path)
+                _fsync_dir(folder)
+                _write_text_atomic(os.path.join(folder, LATEST), name + "\n")
+                _prune(folder, keep)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
+        except Exception as exc:
+            error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
+    else:
+        arrays = {**shard.replay, "env_state": _bytes_array(shard.env_state)}
+        dist.send_arrays(0, shard.meta, arrays, CHUNK_BYTES)  # MPI: shard -> rank 0, chunked
+    ok_path, err = dist.broadcast_object(  # HVD: everyone learns whether it worked
+        (path if not error else None, error), name="mpirl.checkpoint.status"
+    )
+    return ok_path, err
+
+
+def _bytes_array(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).copy() if data else np.zeros(0, dtype=np.uint8)
+
+
+def _write_shard(f: h5py.File, rank: int, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    g = f.create_group(f"ranks/{rank}")
+    g.attrs["meta"] = json.dumps(meta)
+    rg = g.create_group("replay")
+    for key, a in arrays.items():
+        target = g if key == "env_state" else rg
+        ds = _dataset_for(target, key, a.shape, a.dtype)
+        if a.shape[0]:
+            ds[...] = a
+
+
+def _receive_shard(f: Optional[h5py.File], rank: int) -> None:
+    """Rank 0: receive rank ``rank``'s shard chunk by chunk into ``f`` (or drop it if None)."""
+    datasets: dict[str, h5py.Dataset] = {}
+
+    def on_header(meta: Any, specs: list[tuple[str, tuple[int, ...], str]]) -> None:
+        if f is None:
+            return
+        g = f.create_group(f"ranks/{rank}")
+        g.attrs["meta"] = json.dumps(meta)
+        rg = g.create_group("replay")
+        for key, shape, dtype in specs:
+            datasets[key] = _dataset_for(g if key == "env_state" else rg, key, tuple(shape), np.dtype(dtype))
+
+    def on_chunk(key: str, start: int, rows: np.ndarray) -> None:
+        if f is not None:
+            datasets[key][start : start + len(rows)] = rows
+
+    dist.recv_arrays(rank, on_header, on_chunk, CHUNK_BYTES)  # MPI: receive, chunked
+
+
+def _prune(folder: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    files = sorted(n for n in os.listdir(folder) if n.startswith("step-") and n.endswith(".h5"))
+    for old in files[:-keep]:
+        os.remove(os.path.join(folder, old))
+
+
+def latest(run_dir: str) -> Optional[str]:
+    """Path of the newest complete checkpoint of a run directory, or None."""
+    folder = checkpoint_dir(run_dir)
+    pointer = os.path.join(folder, LATEST)
+    try:
+        with open(pointer, encoding="utf-8") as fh:
+            name = fh.read().strip()
+        if name and os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    except OSError:
+        pass
+    # No (or a stale) pointer: fall back to the newest file that is not a temporary one.
+    try:
+        files = sorted(n for n in os.listdir(folder) if n.startswith("step-") and n.endswith(".h5"))
+    except OSError:
+        return None
+    return os.path.join(folder, files[-1]) if files else None
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def open_checked(path: str) -> h5py.File:
+    """Open a checkpoint read-only and check it is one; CheckpointError otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise CheckpointError(f"{path} is not a readable HDF5 file (truncated or corrupted?): {exc}") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CheckpointError(f"{path} is an HDF5 file but not an mpirl checkpoint")
+    version = int(f.attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION or version < 1:
+        f.close()
+        raise CheckpointError(f"{path} has schema version {version}; this mpirl reads 1..{SCHEMA_VERSION}")
+    for key in ("model/online", "model/target", "optimizer", "ranks/0"):
+        if key not in f:
+            f.close()
+            raise CheckpointError(f"{path} lacks /{key} (incomplete checkpoint)")
+    return f
+
+
+def summary(path: str) -> dict[str, Any]:
+    """A checkpoint's facts, for ``python -m mpirl.inspect``."""
+    with open_checked(path) as f:
+        out: dict[str, Any] = {k: _attr(f.attrs[k]) for k in f.attrs}
+        for key in ("config", "counters", "versions"):
+            out[key] = json.loads(out[key])
+        shards = []
+        for r in sorted(f["ranks"], key=int):
+            g = f["ranks"][r]
+            meta = json.loads(g.attrs["meta"])
+            rep = g["replay"]
+            stored = sum(ds.id.get_storage_size() for ds in rep.values())
+            raw = sum(ds.size * ds.dtype.itemsize for ds in rep.values())
+            shards.append({"rank": int(r), "transitions": int(rep["actions"].shape[0]),
+                           "fields": {k: [list(ds.shape), str(ds.dtype)] for k, ds in rep.items()},
+                           "raw_bytes": int(raw), "stored_bytes": int(stored),
+                           "env_state_bytes": int(g["env_state"].shape[0]) if "env_state" in g else 0,
+                           "replay_state": meta.get("replay", {})})  # fmt: skip
+        out["shards"] = shards
+        out["file_bytes"] = os.path.getsize(path)
+    return out
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """Global facts of a checkpoint (small); CheckpointError if it is not a usable one."""
+    with open_checked(path) as f:
+        return {
+            "path": path,
+            "world_size": int(f.attrs["world_size"]),
+            "global_env_steps": int(f.attrs["global_env_steps"]),
+            "updates": int(f.attrs["updates"]),
+            "env_id": str(_attr(f.attrs["env_id"])),
+            "obs_shape": [int(x) for x in f.attrs["obs_shape"]],
+            "n_actions": int(f.attrs["n_actions"]),
+            "config": json.loads(f.attrs["config"]),
+            "counters": json.loads(f.attrs["counters"]),
+            "versions": json.loads(f.attrs["versions"]),
+            "optimizer_has_state": len(f["optimizer/state"]) > 0,
+            "shard_rows": [int(f["ranks"][r]["replay"]["actions"].shape[0]) for r in sorted(f["ranks"], key=int)],
+        }
+
+
+def load_module(path: str, group: str, module: torch.nn.Module) -> None:
+    """Load /model/<group> into ``module``; CheckpointError naming the mismatch otherwise."""
+    with open_checked(path) as f:
+        g = f["model"][group]
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(g))
+        extra = sorted(set(g) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"{path}: network mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        sd = {}
+        for k, t in expected.items():
+            arr = g[k][()]
+            if tuple(arr.shape) != tuple(t.shape):
+                raise CheckpointError(
+                    f"{path}: network mismatch at {k}: checkpoint {tuple(arr.shape)}, model {tuple(t.shape)}"
+                )
+            sd[k] = torch.from_numpy(np.asarray(arr))
+        module.load_state_dict(sd)
+
+
+def load_optimizer(path: str, optimizer: Any) -> None:
+    with open_checked(path) as f:
+        g = f["optimizer"]
+        state: dict[int, dict[str, Any]] = {}
+        for idx in g["state"]:
+            entry: dict[str, Any] = {k: torch.from_numpy(np.asarray(ds[()])) for k, ds in g["state"][idx].items()}
+            entry.update({k: _attr(v) for k, v in g["state"][idx].attrs.items()})
+            state[int(idx)] = entry
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(g.attrs["param_groups"])})
+
+
+def shard_plan(old_rows: list[int], new_size: int) -> list[list[tuple[int, int, int]]]:
+    """Which rows of which old shard each new rank takes: a list per new rank of
+    (old_rank, start, stop) in slot-order rows. Same size: shard r -> rank r. Fewer new
+    ranks: old shard i -> new rank i % new_size. More: each old shard is split evenly among
+    the new ranks r' with r' % old_size == i."""
+    old_size = len(old_rows)
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(new_size)]
+    if new_size <= old_size:
+        for i, n in enumerate(old_rows):
+            plan[i % new_size].append((i, 0, n))
+        return plan
+    for i, n in enumerate(old_rows):
+        takers = [r for r in range(new_size) if r % old_size == i]
+        bounds = np.linspace(0, n, len(takers) + 1).astype(int)
+        for r, lo, hi in zip(takers, bounds[:-1], bounds[1:]):
+            plan[r].append((i, int(lo), int(hi)))
+    return plan
+
+
+def restore_shards(
+    path: str,
+    ctx: dist.DistContext,
+    old_rows: list[int],
+    begin: Callable[[int, list[dict[str, Any]]], None],
+    rows: Callable[[str, int, np.ndarray], None],
+) -> None:
+    """Collective over point-to-point messages: every rank receives its share of the saved
+    replay shards (see ``shard_plan``), chunk by chunk. ``begin(total_rows, metas)`` is called
+    first on each rank with the metas of the old shards it takes; then ``rows(field,
+    first_row, chunk)`` for each chunk (env_state is delivered as field 'env_state' when the
+    world size is unchanged). Rank 0 reads the file; others never touch it."""
+    plan = shard_plan(old_rows, ctx.size)
+    same = len(old_rows) == ctx.size
+    if ctx.rank == 0:
+        with open_checked(path) as f:
+            for r in range(ctx.size):
+                pieces = plan[r]
+                metas = [json.loads(f["ranks"][str(i)].attrs["meta"]) for i, _, _ in pieces]
+                total = sum(hi - lo for _, lo, hi in pieces)
+                if r == 0:
+                    begin(total, metas)
+                else:
+                    dist.send_arrays(r, {"total": total, "metas": metas, "pieces": len(pieces)}, {}, CHUNK_BYTES)
+                offset = 0
+                for i, lo, hi in pieces:
+                    g = f["ranks"][str(i)]
+                    arrays: dict[str, Any] = {k: _Slice(ds, lo, hi) for k, ds in g["replay"].items()}
+                    if same and "env_state" in g:
+                        arrays["env_state"] = g["env_state"]
+                    if r == 0:
+                        for k, a in arrays.items():
+                            _stream_local(k, a, offset if k != "env_state" else 0, rows)
+                    else:
+                        dist.send_arrays(r, {"offset": offset}, arrays, CHUNK_BYTES)  # MPI: chunked
+                    offset += hi - lo
+    else:
+        state: dict[str, Any] = {}
+
+        def on_first(meta: Any, specs: Any) -> None:
+            state.update(meta)
+            begin(meta["total"], meta["metas"])
+
+        dist.recv_arrays(0, on_first, lambda *a: None, CHUNK_BYTES)
+        for _ in range(state["pieces"]):
+            piece: dict[str, int] = {}
+
+            def on_chunk(k: str, start: int, chunk: np.ndarray, piece: dict[str, int] = piece) -> None:
+                rows(k, (piece["offset"] if k != "env_state" else 0) + start, chunk)
+
+            def on_header(meta: Any, specs: Any, piece: dict[str, int] = piece) -> None:
+                piece.update(meta)
+
+            dist.recv_arrays(0, on_header, on_chunk, CHUNK_BYTES)
+
+
+class _Slice:
+    """Rows [lo, hi) of an h5py dataset, sliceable like an array (read lazily)."""
+
+    def __init__(self, ds: h5py.Dataset, lo: int, hi: int) -> None:
+        self.ds, self.lo, self.hi = ds, lo, hi
+        self.shape = (hi - lo, *ds.shape[1:])
+        self.dtype = ds.dtype
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        start, stop, _ = s.indices(len(self))
+        return self.ds[self.lo + start : self.lo + stop]
+
+
+def _stream_local(key: str, a: Any, offset: int, rows: Callable[[str, int, np.ndarray], None]) -> None:
+    n = len(a)
+    if n == 0:
+        return
+    row_bytes = max(1, a[0:1].nbytes)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, n, step):
+        rows(key, offset + start, np.asarray(a[start : start + step]))

@@ -1,0 +1,149 @@
+"""Checkpoints under mpirun: exact resume, resume at another world size, bad files, preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from mpi_launch import MPIRUN, mpi_env, mpirun
+
+pytestmark = pytest.mark.mpi
+BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
+        "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
+        "--target-update-interval", "20", "--checkpoint-interval", "0"]  # fmt: skip
+
+
+def _train(run_dir, steps, *extra, np=2, timeout=240):
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", str(steps), "--run-dir", str(run_dir), *extra],
+                 np=np, timeout=timeout)  # fmt: skip
+    assert res.returncode == 0, res.output[-4000:]
+    return res
+
+
+def _latest(run_dir):
+    folder = run_dir / "checkpoints"
+    return folder / (folder / "latest").read_text().strip()
+
+
+def _contents(path):
+    """Every dataset of a checkpoint except the env-state pickle, as bytes, keyed by path."""
+    out = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and not name.endswith("env_state"):
+                out[name] = obj[()].tobytes()
+
+        f.visititems(visit)
+        counters = json.loads(f.attrs["counters"])
+    return out, counters
+
+
+@pytest.mark.parametrize("extra", [[], ["--prioritized", "--per-beta-steps", "4000", "--n-step", "2"]],
+                         ids=["uniform", "per"])  # fmt: skip
+def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path, extra):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(straight, 3200, *extra)
+    _train(split, 1600, *extra)
+    res = _train(split, 3200, "--resume", "auto", *extra)
+    assert "exact resume" in res.stdout
+    a, ca = _contents(_latest(straight))
+    b, cb = _contents(_latest(split))
+    assert ca == cb and ca["global_env_steps"] == 3200
+    assert sorted(a) == sorted(b)
+    assert any(k.startswith("optimizer/state") for k in a) and any("replay/obs" in k for k in a)
+    for key in a:
+        assert a[key] == b[key], f"{key} differs after resume"
+
+
+def test_checkpoint_layout_and_inspect(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 1600, "--checkpoint-interval", "800", "--keep-checkpoints", "2")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step-000000000800.h5", "step-000000001600.h5"]
+    with h5py.File(_latest(run), "r") as f:
+        assert f.attrs["schema_version"] == 1 and f.attrs["world_size"] == 2
+        assert set(f["ranks"]) == {"0", "1"}
+        for r in ("0", "1"):
+            rep = f["ranks"][r]["replay"]
+            assert rep["obs"].dtype == np.float32 and rep["obs"].compression == "lzf"
+            assert rep["actions"].shape[0] == json.loads(f["ranks"][r].attrs["meta"])["replay"]["size"] > 0
+        assert json.loads(f.attrs["versions"])["horovod"]
+    out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(_latest(run))], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "global env steps: 1,600" in out.stdout and "rank 1:" in out.stdout
+
+
+@pytest.mark.parametrize("new_np", [1, 3])
+def test_resume_at_another_world_size_redistributes_replay(tmp_path, new_np):
+    run = tmp_path / "run"
+    _train(run, 1600)
+    with h5py.File(_latest(run), "r") as f:
+        saved = sum(f["ranks"][r]["replay"]["actions"].shape[0] for r in f["ranks"])
+    res = _train(run, 1600 + 12 * 50, "--resume", "auto", np=new_np)
+    assert f"world size changed 2 -> {new_np}" in res.stdout
+    assert f"({saved:,} transitions)" in res.stdout
+    with h5py.File(_latest(run), "r") as f:
+        assert f.attrs["world_size"] == new_np and f.attrs["global_env_steps"] > 1600
+        rows = [f["ranks"][r]["replay"]["actions"].shape[0] for r in f["ranks"]]
+    assert len(rows) == new_np and sum(rows) >= saved  # nothing lost, new experience added
+
+
+def test_bad_checkpoints_give_one_line_errors_on_every_rank(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 800)
+    good = _latest(run)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    cases = [
+        (["--resume", str(tmp_path / "missing.h5")], "checkpoint not found"),
+        (["--resume", str(truncated)], "not a readable HDF5 file"),
+        (["--resume", str(foreign)], "not an mpirl checkpoint"),
+        (["--resume", str(good), "--env", "Acrobot-v1"], "does not fit this run: env: checkpoint CartPole-v1"),
+        (["--resume", str(good), "--hidden-sizes", "16"], "network mismatch"),
+    ]
+    for args, message in cases:
+        res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "1600", "--run-dir", str(tmp_path / "new"),
+                      "--overwrite", *args], timeout=120)  # fmt: skip
+        assert res.returncode == 2, (args, res.output[-3000:])
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+        assert len(lines) == 2 and all(message in ln for ln in lines), (args, res.stderr[-2000:])
+
+
+def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path):
+    run = tmp_path / "run"
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
+           "mpirl.train", *BASE, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "progress.csv").exists() or len((run / "progress.csv").read_text().splitlines()) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # a second signal during the stop changes nothing
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop signal received" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["preempted"] and summary["global_env_steps"] < 400000
+    stopped_at = summary["global_env_steps"]
+    with h5py.File(_latest(run), "r") as f:
+        assert int(f.attrs["global_env_steps"]) == stopped_at
+    res = _train(run, stopped_at + 800, "--resume", "auto")
+    assert f"resumed from {_latest(run).parent}" in res.stdout or "resumed from" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_env_steps"] == stopped_at + 800
