@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,7 @@ from mpirl import dist
 FORMAT = "mpirl-checkpoint"
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 32 << 20  # shard streaming chunk; also bounds rank 0's extra memory
+SPACE_MARGIN = 256 << 10  # HDF5 metadata and chunk-index overhead beyond the raw bytes (+2%)
 LATEST = "latest"
 
 
@@ -147,6 +149,27 @@ def save(
     folder = checkpoint_dir(run_dir)
     name = f"step-{int(header['global_env_steps']):012d}.h5"
     path = os.path.join(folder, name)
+    # Check the space first: HDF5 does not survive a write into a full disk (h5py can crash
+    # on close after ENOSPC), so a checkpoint that may not fit is refused up front.
+    local = sum(a.nbytes for a in shard.replay.values()) + len(shard.env_state)
+    need = int(dist.allreduce_sum(np.array([local]), name="mpirl.checkpoint.bytes")[0])  # HVD
+    need += sum(t.numel() * t.element_size() for t in online.state_dict().values()) * 4  # nets + Adam
+    need = int(need * 1.02) + SPACE_MARGIN
+    verdict = ""
+    if ctx.rank == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+            if free < need:
+                verdict = (
+                    f"checkpoint {path}: not enough free space ({free / 2**20:,.1f} MiB free, "
+                    f"up to {need / 2**20:,.1f} MiB needed)"
+                )
+        except OSError as exc:
+            verdict = f"checkpoint {path}: {exc.strerror or exc}"
+    verdict = dist.broadcast_object(verdict, name="mpirl.checkpoint.go")  # HVD: go / no-go for all
+    if verdict:
+        return None, verdict
     error = ""
     if ctx.rank == 0:
         tmp = path + ".tmp"
@@ -175,17 +198,23 @@ def save(
             _receive_shard(f if not error else None, r)
         try:
             if f is not None:
-                f.close()
-            if not error:
+                f.close()  # flushes: a full disk may only show here
+        except Exception as exc:
+            error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
+        if not error:
+            try:
                 _fsync_file(tmp)
                 os.replace(tmp, path)
                 _fsync_dir(folder)
                 _write_text_atomic(os.path.join(folder, LATEST), name + "\n")
                 _prune(folder, keep)
-            elif os.path.exists(tmp):
-                os.remove(tmp)
-        except Exception as exc:
-            error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
+            except Exception as exc:
+                error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
+        if error and os.path.exists(tmp):
+            try:
+                os.remove(tmp)  # never leave a half-written file behind
+            except OSError:
+                pass
     else:
         arrays = {**shard.replay, "env_state": _bytes_array(shard.env_state)}
         dist.send_arrays(0, shard.meta, arrays, CHUNK_BYTES)  # MPI: shard -> rank 0, chunked

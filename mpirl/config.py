@@ -82,6 +82,9 @@ class Config:
     )
     adam_eps: float = _opt(1e-8, "Adam epsilon")
     max_grad_norm: float = _opt(10.0, "clip the averaged gradient to this global L2 norm; 0 disables")
+    max_nonfinite_updates: int = _opt(
+        10, "updates in a row whose averaged gradient is NaN/inf (each is skipped) before the run stops"
+    )
     train_every: int = _opt(1, "vector-env steps per rank between training phases")
     gradient_steps: int = _opt(1, "global updates per training phase")
     target_update_interval: int = _opt(500, "updates between target-network updates")
@@ -140,7 +143,7 @@ class Config:
         positive = (
             "num_envs_per_rank", "total_env_steps", "eval_episodes", "buffer_size_per_rank",
             "batch_size_per_rank", "n_step", "train_every", "gradient_steps",
-            "target_update_interval", "backward_passes_per_step", "log_interval",
+            "target_update_interval", "backward_passes_per_step", "log_interval", "max_nonfinite_updates",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

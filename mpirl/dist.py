@@ -198,6 +198,13 @@ def abort(code: int = 1) -> None:
     os._exit(code)
 
 
+class AgreedError(RuntimeError):
+    """An error every rank raises alike, after agreeing on it through a collective (so no rank
+    is left waiting); ends the job with ``exit_code`` and one line per rank, no MPI_Abort."""
+
+    exit_code = 3
+
+
 def _settle(timeout: float = 10.0) -> None:
     """Wait (bounded) until every rank got here, so that no rank's exit aborts a peer before
     it printed its message. Only for errors all ranks raise alike (agreed by a collective)."""
@@ -227,6 +234,11 @@ def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ..
         sys.stderr.flush()
         _settle()
         sys.exit(2)
+    except AgreedError as exc:
+        sys.stderr.write(f"mpirl: error: {exc}\n")
+        sys.stderr.flush()
+        _settle()
+        sys.exit(exc.exit_code)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:

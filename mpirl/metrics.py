@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from typing import IO, Any, Optional
 
 
@@ -23,6 +24,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, tensorboard: bool = True) -> None:
         self.run_dir = run_dir
+        self._failed = False
         self._jsonl: IO[str] = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
         csv_path = os.path.join(run_dir, "progress.csv")
         new_csv = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
@@ -40,7 +42,17 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
-        """One record of ``kind`` ('train', 'eval', 'final', ...)."""
+        """One record of ``kind`` ('train', 'eval', 'final', ...). A failed write (disk full)
+        is reported once and training goes on: logs are not worth a run."""
+        try:
+            self._write(kind, record)
+            self._failed = False
+        except OSError as exc:
+            if not self._failed:
+                print(f"mpirl: warning: metrics not written to {self.run_dir}: {exc}", file=sys.stderr, flush=True)
+            self._failed = True
+
+    def _write(self, kind: str, record: dict[str, Any]) -> None:
         row = {"kind": kind, **record}
         self._jsonl.write(json.dumps(row, default=float) + "\n")
         self._jsonl.flush()
@@ -54,7 +66,9 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for fh in (self._jsonl, self._csv_file, self._tb):
+            try:
+                if fh is not None:
+                    fh.close()
+            except OSError:
+                pass

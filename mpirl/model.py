@@ -83,6 +83,12 @@ def build(obs_shape: Sequence[int], n_actions: int, hidden_sizes: Sequence[int],
     raise ValueError(f"observation shape {shape} is not supported (1-D vectors or (C, H, W) images)")
 
 
+def all_finite(module: nn.Module) -> bool:
+    """True when no parameter holds NaN or inf."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
 def parameter_checksum(model: nn.Module) -> float:
     """Sum of every parameter as float64: equal on all ranks iff (practically) identical."""
     with torch.no_grad():

@@ -257,6 +257,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         prio = np.abs(np.asarray(td_errors, dtype=np.float64)) + self.eps
+        # A non-finite TD error (the update is skipped then) must not poison the sum tree.
+        prio = np.where(np.isfinite(prio), prio, self.max_priority)
         self.max_priority = max(self.max_priority, float(prio.max(initial=0.0)))
         self.tree.set(indices, prio**self.alpha)
 

@@ -23,7 +23,9 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +57,10 @@ class Summary:
     solved: bool  # final evaluation mean >= target_return
     stopped_early: bool  # a periodic evaluation reached target_return
     preempted: bool  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint
+    checkpoint_s: float  # seconds spent writing checkpoints (slowest rank), within wall_time_s
+    skipped_updates: int  # updates skipped because the averaged gradient was NaN/inf
     param_checksum: float  # float64 sum of the online parameters (same on every rank)
+    replicas_identical: bool  # the checksum's min and max over ranks agree
 
     def line(self) -> str:
         ev = "no final evaluation"
@@ -78,26 +83,80 @@ def _default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.env_id.replace('/', '_')}-s{cfg.seed}-{stamp}")
 
 
-def _prepare_run_dir(cfg: Config, rank: int) -> str:
-    """Rank 0 picks and creates the run directory; all ranks get its path or its error."""
+def _probe_writable(path: str) -> None:
+    """Write, fsync and remove a 1 MiB file: a read-only or full file system fails here, at
+    start-up, rather than at the first checkpoint hours later."""
+    probe = os.path.join(path, f".mpirl-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def _checkpoint_bytes_estimate(cfg: Config, info: envs.EnvInfo, world_size: int) -> int:
+    """Upper bound of one checkpoint with full replay buffers (before compression)."""
+    obs = int(np.prod(info.obs_shape)) * info.obs_dtype.itemsize
+    per_transition = 2 * obs + 8 + 4 + 1 + 1 + (8 if cfg.prioritized else 0)
+    return cfg.buffer_size_per_rank * per_transition * world_size if cfg.checkpoint_replay else 0
+
+
+def _agree(result: tuple[Any, str], name: str) -> Any:
+    """Collective: rank 0's (value, error) on every rank; raises ConfigError(error) everywhere."""
+    value, err = dist.broadcast_object(result, name=name)  # HVD: rank 0 decides, all learn it
+    if err:
+        raise ConfigError(err)
+    return value
+
+
+def _choose_run_dir(cfg: Config, rank: int) -> str:
+    """Collective: rank 0 picks the run directory (creating nothing yet); all ranks get it."""
     result: tuple[str, str] = ("", "")
     if rank == 0:
         path = os.path.abspath(cfg.run_dir or _default_run_dir(cfg))
+        if os.path.exists(os.path.join(path, "config.json")) and not (cfg.overwrite or cfg.resume):
+            result = (
+                "",
+                f"run directory {path} already holds a run; pass --overwrite, --resume auto or another --run-dir",
+            )
+        else:
+            result = (path, "")
+    return str(_agree(result, "mpirl.run_dir"))
+
+
+def _create_run_dir(cfg: Config, rank: int, path: str, info: envs.EnvInfo, world_size: int) -> None:
+    """Collective: rank 0 creates and probes the run directory and writes config.json."""
+    result: tuple[None, str] = (None, "")
+    if rank == 0:
         try:
-            if os.path.exists(os.path.join(path, "config.json")) and not (cfg.overwrite or cfg.resume):
-                raise ConfigError(f"run directory {path} already holds a run; pass --overwrite or another --run-dir")
             os.makedirs(path, exist_ok=True)
+            _probe_writable(path)
             with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
                 json.dump(cfg.to_dict(), fh, indent=2)
-            result = (path, "")
-        except ConfigError as exc:
-            result = ("", str(exc))
+            need, free = _checkpoint_bytes_estimate(cfg, info, world_size), shutil.disk_usage(path).free
+            if need > free:
+                print(
+                    f"mpirl: warning: {path} has {free / 2**30:.1f} GiB free; full replay buffers make checkpoints "
+                    f"of up to {need / 2**30:.1f} GiB before compression",
+                    file=sys.stderr,
+                    flush=True,
+                )
         except OSError as exc:
-            result = ("", f"cannot create run directory {path}: {exc.strerror}")
-    path, err = dist.broadcast_object(result, name="mpirl.run_dir")  # HVD: agree on the run dir
-    if err:
-        raise ConfigError(err)
-    return path
+            result = (None, f"run directory {path} is not usable: {exc.strerror or exc}")
+    _agree(result, "mpirl.run_dir.create")
+
+
+class CheckpointWriteError(dist.AgreedError):
+    """The run's last checkpoint failed (disk full, ...): the job ends non-zero, on every rank."""
+
+    exit_code = 4
+
+
+class NonFiniteError(dist.AgreedError):
+    """Too many consecutive non-finite gradients; raised on every rank at the same update."""
 
 
 class Agent:
@@ -118,7 +177,9 @@ class Agent:
         base = torch.optim.Adam(self.online.parameters(), lr=cfg.lr_for(ctx.size), eps=cfg.adam_eps, fused=True)
         # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
         self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
-        self.updates = 0
+        self.updates = 0  # applied updates
+        self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient
+        self.nonfinite_streak = 0
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a).to(self.device, non_blocking=True)
@@ -161,9 +222,25 @@ class Agent:
             buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
         self.optimizer.synchronize()  # HVD: wait for the averaged gradients
+        # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
+        # every rank skips (or applies) an update alike without another collective.
+        params = list(self.online.parameters())
         if cfg.max_grad_norm > 0:
-            # Same averaged gradient on every rank -> same clip on every rank.
-            torch.nn.utils.clip_grad_norm_(self.online.parameters(), cfg.max_grad_norm, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad()
+            self.skipped_updates += 1
+            self.nonfinite_streak += 1
+            if self.nonfinite_streak >= cfg.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_streak} updates in a row had a non-finite averaged gradient (NaN/inf in "
+                    f"rewards, observations or the loss?); stopped after {self.updates:,} updates, weights unchanged "
+                    "since the last finite update; the latest checkpoint in the run directory is intact"
+                )
+            return total_loss / passes
+        self.nonfinite_streak = 0
         with self.optimizer.skip_synchronize():
             self.optimizer.step()
         self.optimizer.zero_grad()  # torch >= 2 sets grads to None
@@ -359,7 +436,7 @@ def train(cfg: Config) -> Summary:
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id)  # same outcome on every rank: fails before MPI collectives
     ctx = dist.init(cfg.device, cfg.torch_threads)
-    run_dir = _prepare_run_dir(cfg, ctx.rank)
+    run_dir = _choose_run_dir(cfg, ctx.rank)
     is_root = ctx.rank == 0
 
     def log(msg: str) -> None:
@@ -377,7 +454,8 @@ def train(cfg: Config) -> Summary:
     # ranks) or on the result of a collective, so no rank branches alone.
     global_steps = iteration = eval_round = 0
     last_eval = float("nan")
-    resume = _resolve_resume(cfg, ctx, run_dir, info)
+    resume = _resolve_resume(cfg, ctx, run_dir, info)  # before creating anything: a bad file leaves no trace
+    _create_run_dir(cfg, ctx.rank, run_dir, info, N)
     if resume is not None:
         err = ""
         if is_root:
@@ -411,6 +489,9 @@ def train(cfg: Config) -> Summary:
         f"lr {cfg.lr_for(N):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
 
+    checkpoint_s = 0.0  # time spent in save_checkpoint, this rank
+    last_ckpt_error = ""  # the last save's error, identical on every rank
+
     def save_checkpoint() -> None:
         """Collective: rank 0 writes the job's state; a failure keeps the previous file."""
         header = {
@@ -428,10 +509,18 @@ def train(cfg: Config) -> Summary:
                 "steps_per_iter": steps_per_iter,
             },  # fmt: skip
         }
+        nonlocal checkpoint_s
+        if not model.all_finite(agent.online) or not model.all_finite(agent.target):
+            # Identical weights on every rank -> every rank takes this branch alike.
+            log("mpirl: warning: weights are not finite; checkpoint not written, the previous one is kept")
+            return
         t0 = time.perf_counter()
         path, err = checkpoint.save(
             run_dir, ctx, header, agent.online, agent.target, agent.optimizer, rs.snapshot(), cfg.keep_checkpoints
         )
+        checkpoint_s += time.perf_counter() - t0
+        nonlocal last_ckpt_error
+        last_ckpt_error = err
         if err:
             log(f"mpirl: warning: {err}; the previous checkpoint is kept")
         else:
@@ -533,7 +622,7 @@ def train(cfg: Config) -> Summary:
         save_checkpoint()  # the end of the run (or of this allocation) is always on disk
     if not preempted:
         preemption.restore()
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - t_start  # includes the final checkpoint
     rs.vec.close()
     if cfg.final_eval_episodes > 0 and not preempted:
         f_mean, f_std, _ = _evaluate_global(
@@ -543,6 +632,9 @@ def train(cfg: Config) -> Summary:
         f_mean, f_std = float("nan"), float("nan")
     episodes = int(dist.allreduce_sum(np.array([rs.episodes]), name="mpirl.episodes")[0])  # HVD
     _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time
+    _, checkpoint_s = dist.allreduce_min_max(checkpoint_s, name="mpirl.checkpoint_time")  # HVD
+    checksum = model.parameter_checksum(agent.online)
+    lo, hi = dist.allreduce_min_max(checksum, name="mpirl.checksum")  # HVD: replicas still identical?
     summary = Summary(
         env_id=cfg.env_id,
         run_dir=run_dir,
@@ -558,14 +650,29 @@ def train(cfg: Config) -> Summary:
         solved=bool(target_return is not None and not math.isnan(f_mean) and f_mean >= target_return),
         stopped_early=stopped_early,
         preempted=preempted,
-        param_checksum=model.parameter_checksum(agent.online),
+        checkpoint_s=checkpoint_s,
+        skipped_updates=agent.skipped_updates,
+        param_checksum=checksum,
+        replicas_identical=lo == hi,
     )
     if writer is not None:
         writer.write("final", asdict(summary))
         writer.close()
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(asdict(summary), fh, indent=2)
+        try:
+            with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
+                json.dump(asdict(summary), fh, indent=2)
+        except OSError as exc:  # a full disk must not turn a finished run into a crash
+            print(f"mpirl: warning: summary.json not written: {exc}", file=sys.stderr, flush=True)
     log(summary.line())
+    if not summary.replicas_identical:
+        log("mpirl: warning: ranks ended with different parameters (a non-deterministic GPU op?)")
+    if last_ckpt_error:
+        latest = checkpoint.latest(run_dir) if is_root else None
+        raise CheckpointWriteError(
+            f"the final checkpoint could not be written ({last_ckpt_error}); newest intact checkpoint: {latest}"
+            if is_root
+            else f"the final checkpoint could not be written ({last_ckpt_error})"
+        )
     return summary
 
 

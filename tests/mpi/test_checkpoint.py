@@ -78,6 +78,11 @@ def test_checkpoint_layout_and_inspect(tmp_path):
                          timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "global env steps: 1,600" in out.stdout and "rank 1:" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "mpirl.evaluate", str(run), "--episodes", "3", "--json"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    played = json.loads(out.stdout)
+    assert played["episodes"] == 3 and played["global_env_steps"] == 1600 and played["mean"] > 0
 
 
 @pytest.mark.parametrize("new_np", [1, 3])
@@ -147,3 +152,37 @@ def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path):
     res = _train(run, stopped_at + 800, "--resume", "auto")
     assert f"resumed from {_latest(run).parent}" in res.stdout or "resumed from" in res.stdout
     assert json.loads((run / "summary.json").read_text())["global_env_steps"] == stopped_at + 800
+
+
+def test_kill_9_during_checkpointing_leaves_latest_loadable_and_resumable(tmp_path):
+    """SIGKILL the whole job at arbitrary moments while it checkpoints every iteration-ish
+    (a 50k-transition replay per rank, so writes take a while); whatever 'latest' names must
+    load and resume. A leftover .tmp from the killed write is ignored."""
+    run = tmp_path / "run"
+    big = ["--checkpoint-interval", "400", "--buffer-size-per-rank", "50000", "--keep-checkpoints", "2"]
+    for attempt in range(3):
+        cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
+               "mpirl.train", *BASE, *big, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
+        if attempt:
+            cmd += ["--resume", "auto"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                                start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        folder = run / "checkpoints"
+        seen = set()
+        while len(seen) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            if folder.exists():
+                seen |= {p.name for p in folder.glob("step-*.h5")}
+            time.sleep(0.05)
+        time.sleep(0.013 * (attempt + 1))  # land somewhere inside the next write, or near it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert len(seen) >= 3, "checkpoints were not being written"
+        latest = _latest(run)
+        out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(latest)], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    steps = int(h5py.File(_latest(run), "r").attrs["global_env_steps"])
+    res = _train(run, steps + 800, "--resume", "auto")
+    assert "exact resume" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_env_steps"] == steps + 800

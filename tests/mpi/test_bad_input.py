@@ -1,0 +1,81 @@
+"""Bad input under `mpirun -np 2`: one line `mpirl: error: ...` from every rank, exit code 2,
+mpirun returns (no hang), and nothing is created for the rejected run."""
+
+import pytest
+from mpi_launch import mpirun
+
+pytestmark = pytest.mark.mpi
+
+CASES = [
+    # environments
+    (["--env", "NoSuchEnv-v0"], "unknown or unusable environment 'NoSuchEnv-v0'"),
+    (["--env", "Pendulum-v1"], "DQN needs a Discrete action space"),
+    (["--env", "Blackjack-v1"], "observation space must be a Box"),
+    (["--env", "FrozenLake-v1"], "observation space must be a Box"),
+    (["--env-module", "no_such_module_xyz"], "--env-module no_such_module_xyz: import failed"),
+    # unknown options and types
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--seed", "abc"], "--seed must be an integer"),
+    (["--total-env-steps", "1.5"], "--total-env-steps must be an integer"),
+    (["--lr", "fast"], "--lr must be a number"),
+    (["--dueling", "maybe"], "--dueling must be a boolean"),
+    (["--hidden-sizes", "64,x"], "--hidden-sizes must be a list of integers"),
+    (["--lr-scaling", "cubic"], "--lr-scaling must be one of none, linear, sqrt"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
+    # ranges
+    (["--num-envs-per-rank", "0"], "--num-envs-per-rank must be positive"),
+    (["--buffer-size-per-rank", "-5"], "--buffer-size-per-rank must be positive"),
+    (["--batch-size-per-rank", "0"], "--batch-size-per-rank must be positive"),
+    (["--n-step", "0"], "--n-step must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--per-alpha", "1.5"], "--per-alpha must be in [0, 1]"),
+    (["--per-beta0", "-0.1"], "--per-beta0 must be in [0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--eps-start", "2"], "--eps-start must be in [0, 1]"),
+    (["--hidden-sizes", "64,0"], "--hidden-sizes must be positive widths"),
+    (["--target-update-interval", "0"], "--target-update-interval must be positive"),
+    (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
+    # combinations
+    (["--buffer-size-per-rank", "32"], "--buffer-size-per-rank (32) is smaller than --batch-size-per-rank (64)"),
+    (["--learning-starts-per-rank", "10"], "--learning-starts-per-rank (10) is below --batch-size-per-rank (64)"),
+    (["--learning-starts-per-rank", "200000"], "exceeds --buffer-size-per-rank (100000)"),
+    # files
+    (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
+    (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
+]
+
+
+@pytest.fixture
+def bad_tomls(tmp_path):
+    (tmp_path / "malformed.toml").write_text("seed = = 1\n")
+    (tmp_path / "unknown.toml").write_text("sed = 1\n")
+    (tmp_path / "wrongtype.toml").write_text('num_envs_per_rank = "four"\n')
+    return tmp_path
+
+
+def _check(tmp_path, args, message):
+    run_dir = tmp_path / "r"
+    res = mpirun(["-m", "mpirl.train", "--run-dir", str(run_dir), *args], timeout=90)
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2, res.stderr[-3000:]  # one line from each rank
+    assert all(message in ln for ln in lines), lines
+    assert not run_dir.exists()  # nothing was created for a rejected run
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_exits_2_on_every_rank(tmp_path, args, message):
+    _check(tmp_path, args, message)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("malformed.toml", "malformed TOML in"),
+        ("unknown.toml", "unknown option 'sed' in"),
+        ("wrongtype.toml", "--num-envs-per-rank must be an integer, got 'four'"),
+    ],
+)
+def test_bad_toml_exits_2_on_every_rank(bad_tomls, name, message):
+    _check(bad_tomls, ["--config", str(bad_tomls / name)], message)

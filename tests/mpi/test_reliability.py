@@ -1,0 +1,142 @@
+"""Failures end the job fast and loudly, and never cost the last checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from mpi_launch import MPIRUN, mpi_env, mpirun
+
+pytestmark = pytest.mark.mpi
+ENVS = os.path.join(os.path.dirname(__file__), "envs")
+BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
+        "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
+        "--checkpoint-interval", "400"]  # fmt: skip
+
+
+def _fault_env(kind, after=300, rank=1):
+    return {"PYTHONPATH": ENVS + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPIRL_TEST_FAULT": kind,
+            "MPIRL_TEST_FAULT_AFTER": str(after), "MPIRL_TEST_FAULT_RANK": str(rank)}  # fmt: skip
+
+
+def _leftovers(marker):
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return [p for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+def _latest_loads(run):
+    folder = run / "checkpoints"
+    path = folder / (folder / "latest").read_text().strip()
+    out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(path)], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with h5py.File(path, "r") as f:
+        for name in f["model/online"]:
+            assert np.isfinite(f["model/online"][name][()]).all()
+    return path
+
+
+def test_exception_on_rank_1_aborts_job_fast_with_message(tmp_path):
+    run = tmp_path / "run-exc"
+    t0 = time.monotonic()
+    res = mpirun(["-m", "mpirl.train", *BASE, "--env", "FaultyCartPole-v0", "--env-module", "faulty_envs",
+                  "--total-env-steps", "400000", "--run-dir", str(run)],
+                 env=_fault_env("raise", after=400), timeout=120)  # fmt: skip
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 60  # start-up + 800 steps + abort
+    assert "mpirl: rank 1 failed: RuntimeError: injected fault" in res.stderr
+    assert not _leftovers(str(run))
+    _latest_loads(run)
+
+
+def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path):
+    run = tmp_path / "run-kill"
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
+           "mpirl.train", *BASE, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+        victim = None
+        for pid in _leftovers(str(run)):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if b"OMPI_COMM_WORLD_RANK=1\0" in fh.read():
+                        victim = int(pid)
+            except OSError:
+                continue
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert elapsed < 30, f"job took {elapsed:.1f}s to end after rank 1 died"
+    assert "rank 1" in err and ("signal 9" in err or "Killed" in err), err[-2000:]
+    time.sleep(0.5)
+    assert not _leftovers(str(run))
+    _latest_loads(run)
+
+
+def test_nan_rewards_on_one_rank_skip_updates_then_stop_on_every_rank(tmp_path):
+    run = tmp_path / "run-nan"
+    res = mpirun(["-m", "mpirl.train", *BASE, "--env", "FaultyCartPole-v0", "--env-module", "faulty_envs",
+                  "--total-env-steps", "400000", "--max-nonfinite-updates", "5", "--buffer-size-per-rank", "400",
+                  "--run-dir", str(run)], env=_fault_env("nan", after=250), timeout=180)  # fmt: skip
+    assert res.returncode == 3, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("5 updates in a row had a non-finite averaged gradient" in ln for ln in lines)
+    _latest_loads(run)  # weights in the newest checkpoint are finite
+
+
+def test_unusable_run_dir_fails_at_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "800", "--run-dir", str(blocker / "run")],
+                 timeout=90)  # fmt: skip
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("is not usable: Not a directory" in ln for ln in lines), res.stderr[-2000:]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_at_start_is_a_clear_error(tiny_fs):
+    (tiny_fs / "filler").write_bytes(b"\0" * (2_700_000))
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "800", "--run-dir", str(tiny_fs / "run")],
+                 timeout=90)  # fmt: skip
+    assert res.returncode == 2
+    assert "is not usable: No space left on device" in res.stderr, res.stderr[-2000:]
+
+
+def test_disk_filling_up_keeps_previous_checkpoint_and_fails_the_end(tiny_fs):
+    run = tiny_fs / "run"
+    # Replay grows ~40 B/transition per rank: early checkpoints fit in 3 MiB, later ones do not.
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "60000", "--checkpoint-interval", "4000",
+                  "--keep-checkpoints", "1", "--run-dir", str(run)], timeout=300)  # fmt: skip
+    assert res.returncode == 4, res.output[-3000:]
+    assert "not enough free space" in res.stdout and "the previous checkpoint is kept" in res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error: the final checkpoint")]
+    assert len(lines) == 2
+    assert not list((run / "checkpoints").glob("*.tmp"))  # the failed write left nothing behind
+    path = _latest_loads(run)
+    assert int(h5py.File(path, "r").attrs["global_env_steps"]) < 60000
+    assert "mpirl: done: CartPole-v1, 2 rank(s), 60,000 env steps" in res.stdout  # training went on
