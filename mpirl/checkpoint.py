@@ -17,8 +17,9 @@ Layout (``schema_version`` 1; see README "Checkpoint layout"):
 
 Writes are atomic: rank 0 writes ``<name>.tmp``, fsyncs, renames, fsyncs the folder, then
 points ``latest`` at it the same way, so a crash at any moment leaves the previous checkpoint
-whole. Other ranks stream their shards to rank 0 in chunks of ``CHUNK_BYTES``: rank 0's memory
-does not grow with world size x buffer size.
+whole. Every rank LZF-compresses its own shard into HDF5 chunks and streams them to rank 0 in
+messages of about ``CHUNK_BYTES``, which rank 0 stores as they come (round-robin over the ranks):
+rank 0's memory does not grow with world size x buffer size, and compression runs in parallel.
 
 Loading uses pickle for the env state: load only checkpoints you trust.
 """
@@ -30,13 +31,18 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import h5py
 import numpy as np
 import torch
 
 from mpirl import dist
+
+try:  # LZF in-process, so each rank compresses its own chunks (see _encoded_chunks)
+    import lzf as _lzf
+except ImportError:  # pragma: no cover - python-lzf is a dependency; stay readable without it
+    _lzf = None
 
 FORMAT = "mpirl-checkpoint"
 SCHEMA_VERSION = 1
@@ -123,14 +129,46 @@ def _write_optimizer(group: h5py.Group, optimizer: Any) -> None:
                 g.attrs[key] = value
 
 
+def _chunk_rows(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Rows per HDF5 chunk: about 1 MiB per chunk."""
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    return int(max(1, min(max(shape[0], 1), (1 << 20) // row_bytes)))
+
+
 def _dataset_for(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
     if shape[0] == 0:
         return group.create_dataset(name, shape=shape, dtype=dtype)
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-    chunk_rows = int(max(1, min(shape[0], (1 << 20) // row_bytes)))  # ~1 MiB chunks
-    return group.create_dataset(
-        name, shape=shape, dtype=dtype, chunks=(chunk_rows, *shape[1:]), compression="lzf", shuffle=True
-    )
+    chunks = (_chunk_rows(shape, dtype), *shape[1:])
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="lzf")
+
+
+def _encoded_chunks(arrays: dict[str, Any]) -> Iterator[list[tuple[str, int, int, bytes]]]:
+    """This rank's arrays as ready-to-store HDF5 chunks, LZF-compressed here (so every rank
+    compresses its own shard, in parallel), in messages of about CHUNK_BYTES raw bytes:
+    lists of (name, first_row, filter_mask, data). A chunk LZF cannot shrink is stored raw
+    with filter-mask bit 0 set, as HDF5's optional filters do; without python-lzf every chunk
+    is stored raw that way (readable by plain h5py either way)."""
+    batch: list[tuple[str, int, int, bytes]] = []
+    size = 0
+    for name, a in arrays.items():
+        n = len(a)
+        if n == 0:
+            continue
+        rows = _chunk_rows(tuple(a.shape), np.dtype(a.dtype))
+        for start in range(0, n, rows):
+            block = np.ascontiguousarray(a[start : start + rows])
+            if len(block) < rows:  # HDF5 stores whole chunks; the part past the extent is ignored
+                pad = np.zeros((rows - len(block), *block.shape[1:]), dtype=block.dtype)
+                block = np.concatenate([block, pad])
+            raw = block.tobytes()
+            packed = _lzf.compress(raw) if _lzf is not None else None
+            batch.append((name, start, 0, packed) if packed else (name, start, 1, raw))
+            size += len(raw)
+            if size >= CHUNK_BYTES:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def save(
@@ -170,12 +208,15 @@ def save(
     verdict = dist.broadcast_object(verdict, name="mpirl.checkpoint.go")  # HVD: go / no-go for all
     if verdict:
         return None, verdict
+    arrays = {**shard.replay, "env_state": _bytes_array(shard.env_state)}
+    specs = [(k, tuple(a.shape), np.dtype(a.dtype).str) for k, a in arrays.items()]
+    metas = dist.gather_to_root((shard.meta, specs), name="mpirl.checkpoint.specs")  # MPI: gather (small)
     error = ""
     if ctx.rank == 0:
         tmp = path + ".tmp"
         f: Optional[h5py.File] = None
+        datasets: dict[tuple[int, str], h5py.Dataset] = {}
         try:
-            os.makedirs(folder, exist_ok=True)
             f = h5py.File(tmp, "w")
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -191,11 +232,32 @@ def save(
             _write_module(f.create_group("model/online"), online)
             _write_module(f.create_group("model/target"), target)
             _write_optimizer(f.create_group("optimizer"), optimizer)
-            _write_shard(f, 0, shard.meta, {**shard.replay, "env_state": _bytes_array(shard.env_state)})
+            for r, (meta, rank_specs) in enumerate(metas):
+                g = f.create_group(f"ranks/{r}")
+                g.attrs["meta"] = json.dumps(meta)
+                rg = g.create_group("replay")
+                for key, shape, dtype in rank_specs:
+                    datasets[(r, key)] = _dataset_for(g if key == "env_state" else rg, key, shape, np.dtype(dtype))
         except Exception as exc:  # keep receiving below, or the other ranks would block forever
             error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-        for r in range(1, ctx.size):
-            _receive_shard(f if not error else None, r)
+        # Round-robin over the ranks, one message each in turn (rank 0's own included): every
+        # rank compresses its next message while rank 0 stores the others'.
+        own = _encoded_chunks(arrays)
+        active = list(range(ctx.size))
+        while active:
+            for r in list(active):
+                msg = next(own, None) if r == 0 else dist.recv_object(r)  # MPI: receive (p2p)
+                if msg is None:
+                    active.remove(r)
+                    continue
+                if error:
+                    continue  # drain, so no sender blocks
+                try:
+                    for key, start, mask, data in msg:
+                        ds = datasets[(r, key)]
+                        ds.id.write_direct_chunk((start,) + (0,) * (ds.ndim - 1), data, mask)
+                except Exception as exc:
+                    error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
         try:
             if f is not None:
                 f.close()  # flushes: a full disk may only show here
@@ -216,8 +278,9 @@ def save(
             except OSError:
                 pass
     else:
-        arrays = {**shard.replay, "env_state": _bytes_array(shard.env_state)}
-        dist.send_arrays(0, shard.meta, arrays, CHUNK_BYTES)  # MPI: shard -> rank 0, chunked
+        for msg in _encoded_chunks(arrays):
+            dist.send_object(0, msg)  # MPI: compressed chunks -> rank 0 (blocks until received)
+        dist.send_object(0, None)
     ok_path, err = dist.broadcast_object(  # HVD: everyone learns whether it worked
         (path if not error else None, error), name="mpirl.checkpoint.status"
     )
@@ -226,37 +289,6 @@ def save(
 
 def _bytes_array(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).copy() if data else np.zeros(0, dtype=np.uint8)
-
-
-def _write_shard(f: h5py.File, rank: int, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    g = f.create_group(f"ranks/{rank}")
-    g.attrs["meta"] = json.dumps(meta)
-    rg = g.create_group("replay")
-    for key, a in arrays.items():
-        target = g if key == "env_state" else rg
-        ds = _dataset_for(target, key, a.shape, a.dtype)
-        if a.shape[0]:
-            ds[...] = a
-
-
-def _receive_shard(f: Optional[h5py.File], rank: int) -> None:
-    """Rank 0: receive rank ``rank``'s shard chunk by chunk into ``f`` (or drop it if None)."""
-    datasets: dict[str, h5py.Dataset] = {}
-
-    def on_header(meta: Any, specs: list[tuple[str, tuple[int, ...], str]]) -> None:
-        if f is None:
-            return
-        g = f.create_group(f"ranks/{rank}")
-        g.attrs["meta"] = json.dumps(meta)
-        rg = g.create_group("replay")
-        for key, shape, dtype in specs:
-            datasets[key] = _dataset_for(g if key == "env_state" else rg, key, tuple(shape), np.dtype(dtype))
-
-    def on_chunk(key: str, start: int, rows: np.ndarray) -> None:
-        if f is not None:
-            datasets[key][start : start + len(rows)] = rows
-
-    dist.recv_arrays(rank, on_header, on_chunk, CHUNK_BYTES)  # MPI: receive, chunked
 
 
 def _prune(folder: str, keep: int) -> None:

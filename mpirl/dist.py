@@ -151,6 +151,22 @@ def gather_objects(obj: Any, name: str) -> list[Any]:
     return hvd.allgather_object(obj, name=name)  # HVD: allgather
 
 
+def gather_to_root(obj: Any, name: str) -> list[Any]:
+    """Collective: rank 0 gets every rank's small picklable ``obj`` in rank order; others []."""
+    out = _COMM.gather(obj, root=0)  # MPI: gather on our communicator
+    return list(out) if out is not None else []
+
+
+def send_object(dest: int, obj: Any) -> None:
+    """Point-to-point: a picklable message to ``dest`` (blocks until it is received)."""
+    _COMM.ssend(obj, dest=dest, tag=_SHARD_TAG)  # MPI: synchronous send: at most one in flight
+
+
+def recv_object(source: int) -> Any:
+    """Point-to-point: the next message ``send_object`` sent from ``source``."""
+    return _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive
+
+
 def send_arrays(dest: int, meta: Any, arrays: dict[str, np.ndarray], chunk_bytes: int) -> None:
     """Point-to-point: stream ``meta`` and ``arrays`` to rank ``dest`` in chunks of at most
     ``chunk_bytes``, so neither side ever holds a second full copy. Pairs with recv_arrays."""
