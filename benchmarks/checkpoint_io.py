@@ -64,7 +64,7 @@ def main() -> None:
         frames = synthetic_frames(k + 1, rng)
         t = replay.Transitions(
             obs=frames[:-1], actions=rng.integers(0, 6, k), rewards=rng.random(k, np.float32),
-            next_obs=frames[1:], steps=np.ones(k, np.uint8), terminated=np.zeros(k, bool),
+            next_obs=frames[1:], steps=np.ones(k, np.uint8), terminated=np.zeros(k, bool), truncated=np.zeros(k, bool),
         )  # fmt: skip
         buf.add(t)
     shard = checkpoint.RankShard(meta={"replay": buf.state()}, replay=buf.export_arrays(), env_state=b"")

@@ -102,6 +102,11 @@ class Config:
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
     torch_threads: int = _opt(0, "torch intra-op threads per rank; 0 = cores / ranks on this node")
+    expect_world_size: int = _opt(
+        0,
+        "fail unless the job has exactly this many ranks (guards against a launcher/PMI mismatch "
+        "starting N independent 1-rank jobs); 0: no check",
+    )
 
     # --- checkpoints -----------------------------------------------------------------
     checkpoint_interval: int = _opt(
@@ -151,6 +156,7 @@ class Config:
         non_negative = (
             "eval_interval", "final_eval_episodes", "learning_starts_per_rank", "eps_decay_steps",
             "per_beta_steps", "torch_threads", "max_grad_norm", "checkpoint_interval", "keep_checkpoints",
+            "expect_world_size",
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -3,11 +3,13 @@
 Everything here is local to one rank and never travels over MPI during training (a
 checkpoint gathers the arrays through ``export_arrays``/``import_arrays``). numpy only.
 
-A stored transition is ``(obs, action, reward, next_obs, steps, terminated)`` where
+A stored transition is ``(obs, action, reward, next_obs, steps, terminated, truncated)`` where
 ``reward`` is the discounted n-step return ``sum_{i<k} gamma^i r_{t+i}``, ``next_obs`` the
 observation k steps later and ``steps`` = k <= n (k < n when the episode ended first). The TD
 target is ``reward + gamma^k * (1 - terminated) * Q(next_obs)``: a time-limit truncation keeps
-bootstrapping from the real final observation; a termination does not.
+bootstrapping from the real final observation; a termination does not. ``truncated`` marks a
+``next_obs`` that ended its episode by a time limit (kept for offline use; the target needs only
+``steps`` and ``terminated``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Transitions(NamedTuple):
     next_obs: np.ndarray
     steps: np.ndarray
     terminated: np.ndarray
+    truncated: np.ndarray
 
     @property
     def size(self) -> int:
@@ -47,7 +50,7 @@ class Transitions(NamedTuple):
 class ReplayBuffer:
     """Uniform ring buffer of fixed capacity; the oldest transitions are overwritten first."""
 
-    FIELDS = ("obs", "actions", "rewards", "next_obs", "steps", "terminated")
+    FIELDS = ("obs", "actions", "rewards", "next_obs", "steps", "terminated", "truncated")
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, gamma: float) -> None:
         if capacity <= 0:
@@ -60,6 +63,7 @@ class ReplayBuffer:
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.steps = np.zeros(capacity, dtype=np.uint8)
         self.terminated = np.zeros(capacity, dtype=bool)
+        self.truncated = np.zeros(capacity, dtype=bool)
         self.pos = 0  # next slot to write
         self.size = 0  # filled slots
         self.total_added = 0  # transitions ever added (for stats)
@@ -86,6 +90,7 @@ class ReplayBuffer:
         self.rewards[idx] = t.rewards
         self.steps[idx] = t.steps
         self.terminated[idx] = t.terminated
+        self.truncated[idx] = t.truncated
         self.pos = int((self.pos + k) % self.capacity)
         self.size = min(self.size + k, self.capacity)
         self.total_added += k
@@ -303,14 +308,16 @@ class NStepAccumulator:
         self.num_envs = num_envs
         self._pending: list[list[tuple[np.ndarray, int, float]]] = [[] for _ in range(num_envs)]
 
-    def _emit(self, out: list[tuple], env: int, next_obs: np.ndarray, terminated: bool, upto: int) -> None:
+    def _emit(
+        self, out: list[tuple], env: int, next_obs: np.ndarray, terminated: bool, truncated: bool, upto: int
+    ) -> None:
         pend = self._pending[env]
         for start in range(upto):
             ret = 0.0
             for j, (_, _, r) in enumerate(pend[start:]):
                 ret += (self.gamma**j) * r
             o, a, _ = pend[start]
-            out.append((o, a, ret, next_obs, len(pend) - start, terminated))
+            out.append((o, a, ret, next_obs, len(pend) - start, terminated, truncated))
         del pend[:upto]
 
     def push(
@@ -323,12 +330,13 @@ class NStepAccumulator:
             pend = self._pending[e]
             pend.append((obs[e], int(actions[e]), float(rewards[e])))
             if terminated[e] or truncated[e]:
-                self._emit(out, int(e), next_obs[e], bool(terminated[e]), len(pend))
+                ended_by_termination = bool(terminated[e])
+                self._emit(out, int(e), next_obs[e], ended_by_termination, not ended_by_termination, len(pend))
             elif len(pend) == self.n:
-                self._emit(out, int(e), next_obs[e], False, 1)
+                self._emit(out, int(e), next_obs[e], False, False, 1)
         if not out:
             return None
-        o, a, r, no, k, term = zip(*out)
+        o, a, r, no, k, term, trunc = zip(*out)
         return Transitions(
             obs=np.stack(o),
             actions=np.asarray(a, dtype=np.int64),
@@ -336,6 +344,7 @@ class NStepAccumulator:
             next_obs=np.stack(no),
             steps=np.asarray(k, dtype=np.uint8),
             terminated=np.asarray(term, dtype=bool),
+            truncated=np.asarray(trunc, dtype=bool),
         )
 
     def state(self) -> list[list[tuple[np.ndarray, int, float]]]:

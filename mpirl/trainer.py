@@ -436,6 +436,12 @@ def train(cfg: Config) -> Summary:
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id)  # same outcome on every rank: fails before MPI collectives
     ctx = dist.init(cfg.device, cfg.torch_threads)
+    if cfg.expect_world_size and ctx.size != cfg.expect_world_size:
+        # Every process sees the same size, so all raise alike (N singletons raise on their own).
+        raise ConfigError(
+            f"this job has {ctx.size} rank(s), {cfg.expect_world_size} expected: the launcher and MPI did not "
+            "wire up (with srun, pick the PMI your MPI was built with, e.g. srun --mpi=pmix)"
+        )
     run_dir = _choose_run_dir(cfg, ctx.rank)
     is_root = ctx.rank == 0
 

@@ -40,6 +40,7 @@ CASES = [
     (["--buffer-size-per-rank", "32"], "--buffer-size-per-rank (32) is smaller than --batch-size-per-rank (64)"),
     (["--learning-starts-per-rank", "10"], "--learning-starts-per-rank (10) is below --batch-size-per-rank (64)"),
     (["--learning-starts-per-rank", "200000"], "exceeds --buffer-size-per-rank (100000)"),
+    (["--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
     # files
     (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
     (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),

@@ -15,6 +15,7 @@ def _tr(values, obs_dim=2):
         next_obs=np.repeat(v[:, None] + 100, obs_dim, axis=1),
         steps=np.ones(len(v), dtype=np.uint8),
         terminated=np.zeros(len(v), dtype=bool),
+        truncated=np.zeros(len(v), dtype=bool),
     )
 
 
@@ -87,7 +88,7 @@ def _push_episode(acc, rewards, terminated_at_end):
             valid=np.array([True]),
         )
         if r is not None:
-            out.extend(zip(r.obs[:, 0], r.rewards, r.next_obs[:, 0], r.steps, r.terminated))
+            out.extend(zip(r.obs[:, 0], r.rewards, r.next_obs[:, 0], r.steps, r.terminated, r.truncated))
     return out
 
 
@@ -111,6 +112,7 @@ def test_nstep_returns_hand_computed(terminated):
         assert got[2] == exp[2]
         assert int(got[3]) == exp[3]
         assert bool(got[4]) == exp[4]
+        assert bool(got[5]) == (exp[0] > 0 and not terminated)  # truncated: the flushed tail only
 
 
 def test_nstep_skips_autoreset_steps_and_keeps_envs_apart():
