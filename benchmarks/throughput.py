@@ -21,6 +21,8 @@ VARIANTS = {
     "2 ranks": (2, {}),
     # launch/mpirun.sh sets mpi_yield_when_idle=1 when ranks fill the cores; this turns it off.
     "2 ranks, MPI spinning (no yield)": (2, {"OMPI_MCA_mpi_yield_when_idle": "0"}),
+    # mpirl sets HOROVOD_CYCLE_TIME=0.05 (ms) with several ranks; this is Horovod's default.
+    "2 ranks, Horovod's default 1 ms cycle": (2, {"HOROVOD_CYCLE_TIME": "1"}),
 }
 
 

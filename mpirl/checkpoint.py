@@ -85,15 +85,8 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -108,7 +101,7 @@ def _write_text_atomic(path: str, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    _fsync(os.path.dirname(path) or ".")
 
 
 def _write_module(group: h5py.Group, module: torch.nn.Module) -> None:
@@ -265,9 +258,9 @@ def save(
             error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
         if not error:
             try:
-                _fsync_file(tmp)
+                _fsync(tmp)
                 os.replace(tmp, path)
-                _fsync_dir(folder)
+                _fsync(folder)
                 _write_text_atomic(os.path.join(folder, LATEST), name + "\n")
                 _prune(folder, keep)
             except Exception as exc:
@@ -319,6 +312,16 @@ def latest(run_dir: str) -> Optional[str]:
 
 
 # --- reading --------------------------------------------------------------------------
+
+
+def resolve(path: str) -> str:
+    """A checkpoint file as given, or a run directory's latest checkpoint; CheckpointError if none."""
+    if os.path.isdir(path):
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path}")
+        return found
+    return path
 
 
 def open_checked(path: str) -> h5py.File:

@@ -59,11 +59,18 @@ def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
     0 -> usable cores on this node divided by ranks on this node (at least 1), so N ranks
     do not oversubscribe the cores.
     """
-    # mpi4py first: it asks for MPI_THREAD_MULTIPLE, which Horovod's background thread needs;
-    # Horovod then reuses the initialised MPI.
+    # Importing mpi4py initialises MPI with MPI_THREAD_MULTIPLE, which Horovod's background
+    # thread needs; hvd.init() below then reuses that MPI.
     import horovod.torch as hvd
     from mpi4py import MPI
 
+    if _env_world_size() > 1:
+        # DQN sends a small gradient (~0.3 MB) every update, so allreduce latency is what counts.
+        # Horovod's default 1 ms cycle put a ~1.1 ms floor under every allreduce (raw MPI: 60 us
+        # at 256 KiB); 0.05 ms took 2 ranks from ~2,100 to ~3,100 env steps/s here, while it
+        # slowed a single rank down, hence only with several (benchmarks/allreduce.py,
+        # throughput.py). A user's own HOROVOD_CYCLE_TIME wins.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
     hvd.init()  # HVD: init (collective over the world communicator)
     global _COMM
     if _COMM is None:

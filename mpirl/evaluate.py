@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -40,14 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.episodes <= 0:
         print("mpirl.evaluate: error: --episodes must be positive", file=sys.stderr)
         return 2
-    path = args.path
-    if os.path.isdir(path):
-        found = checkpoint.latest(path)
-        if found is None:
-            print(f"mpirl.evaluate: error: no checkpoint in {path}", file=sys.stderr)
-            return 2
-        path = found
     try:
+        path = checkpoint.resolve(args.path)
         net, header = load_policy(path, args.device)
     except (checkpoint.CheckpointError, envs.EnvError) as exc:
         print(f"mpirl.evaluate: error: {exc}", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -25,14 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("path", help="a checkpoint file, or a run directory (its latest checkpoint)")
     ap.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     args = ap.parse_args(argv)
-    path = args.path
-    if os.path.isdir(path):
-        found = checkpoint.latest(path)
-        if found is None:
-            print(f"mpirl.inspect: error: no checkpoint in {path}", file=sys.stderr)
-            return 2
-        path = found
     try:
+        path = checkpoint.resolve(args.path)
         s = checkpoint.summary(path)
     except checkpoint.CheckpointError as exc:
         print(f"mpirl.inspect: error: {exc}", file=sys.stderr)

@@ -181,6 +181,27 @@ class Agent:
         self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient
         self.nonfinite_streak = 0
 
+    def restore(self, path: str, has_optimizer_state: bool, updates: int, is_root: bool) -> None:
+        """Collective: rank 0 loads the networks (and optimizer) from a checkpoint; every rank
+        gets them by broadcast, or the same CheckpointError."""
+        err = ""
+        if is_root:
+            try:
+                checkpoint.load_module(path, "online", self.online)
+                checkpoint.load_module(path, "target", self.target)
+                if has_optimizer_state:
+                    checkpoint.load_optimizer(path, self.optimizer)
+            except checkpoint.CheckpointError as exc:
+                err = str(exc)
+        err = dist.broadcast_object(err, name="mpirl.resume.load")  # HVD: agree it loaded
+        if err:
+            raise checkpoint.CheckpointError(err)
+        dist.broadcast_model(self.online)  # HVD: rank 0's restored weights to all
+        dist.broadcast_model(self.target)  # HVD
+        if has_optimizer_state:  # a fresh Adam is identical everywhere already (see dist)
+            dist.broadcast_optimizer(self.optimizer)  # HVD
+        self.updates = updates
+
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a).to(self.device, non_blocking=True)
 
@@ -463,26 +484,10 @@ def train(cfg: Config) -> Summary:
     resume = _resolve_resume(cfg, ctx, run_dir, info)  # before creating anything: a bad file leaves no trace
     _create_run_dir(cfg, ctx.rank, run_dir, info, N)
     if resume is not None:
-        err = ""
-        if is_root:
-            try:
-                checkpoint.load_module(resume["path"], "online", agent.online)
-                checkpoint.load_module(resume["path"], "target", agent.target)
-                if resume["optimizer_has_state"]:
-                    checkpoint.load_optimizer(resume["path"], agent.optimizer)
-            except checkpoint.CheckpointError as exc:
-                err = str(exc)
-        err = dist.broadcast_object(err, name="mpirl.resume.load")  # HVD: agree it loaded
-        if err:
-            raise checkpoint.CheckpointError(err)
-        dist.broadcast_model(agent.online)  # HVD: rank 0's restored weights to all
-        dist.broadcast_model(agent.target)  # HVD
-        if resume["optimizer_has_state"]:
-            dist.broadcast_optimizer(agent.optimizer)  # HVD
+        agent.restore(resume["path"], resume["optimizer_has_state"], resume["updates"], is_root)
         c = resume["counters"]
         global_steps, iteration, eval_round = c["global_env_steps"], c["iteration"], c["eval_round"]
         last_eval = c["last_eval"] if c["last_eval"] is not None else float("nan")
-        agent.updates = resume["updates"]
         if resume["world_size"] == N and c["steps_per_iter"] != steps_per_iter:
             raise ConfigError("--num-envs-per-rank differs from the checkpoint's; keep it to resume exactly")
         note = rs.restore(resume["path"], resume["shard_rows"], global_steps)

@@ -68,6 +68,17 @@ def run(cmd: Sequence[str], timeout: float, env: Optional[dict[str, str]] = None
     return Result(proc.returncode, out, err, time.monotonic() - t0)
 
 
+def spawn_mpirl(args: Sequence[str], np: int = 2, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    """Start ``mpirun -np N python -m mpi4py -m mpirl.train ARGS`` in the background, in its own
+    process group (for tests that signal or kill it); the caller must end it."""
+    if MPIRUN is None:
+        pytest.fail("mpirun not found: run the README's test command, which installs OpenMPI")
+    cmd = [MPIRUN, "-np", str(np), "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
+           "mpirl.train", *args]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(env),
+                            start_new_session=True)  # fmt: skip
+
+
 def mpirun(args: Sequence[str], np: int = 2, timeout: float = 240, env: Optional[dict[str, str]] = None,
            cwd: Optional[str] = None) -> Result:  # fmt: skip
     """``mpirun -np N python -m mpi4py ARGS`` (an exception on any rank aborts the job)."""

@@ -10,7 +10,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import MPIRUN, mpi_env, mpirun
+from mpi_launch import mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
@@ -126,10 +126,7 @@ def test_bad_checkpoints_give_one_line_errors_on_every_rank(tmp_path):
 
 def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path):
     run = tmp_path / "run"
-    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
-           "mpirl.train", *BASE, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
-                            start_new_session=True)  # fmt: skip
+    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run)])
     try:
         deadline = time.monotonic() + 120
         while not (run / "progress.csv").exists() or len((run / "progress.csv").read_text().splitlines()) < 3:
@@ -161,12 +158,8 @@ def test_kill_9_during_checkpointing_leaves_latest_loadable_and_resumable(tmp_pa
     run = tmp_path / "run"
     big = ["--checkpoint-interval", "400", "--buffer-size-per-rank", "50000", "--keep-checkpoints", "2"]
     for attempt in range(3):
-        cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
-               "mpirl.train", *BASE, *big, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
-        if attempt:
-            cmd += ["--resume", "auto"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
-                                start_new_session=True)  # fmt: skip
+        resume = ["--resume", "auto"] if attempt else []
+        proc = spawn_mpirl([*BASE, *big, "--total-env-steps", "400000", "--run-dir", str(run), *resume])
         deadline = time.monotonic() + 120
         folder = run / "checkpoints"
         seen = set()

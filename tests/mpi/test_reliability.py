@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import MPIRUN, mpi_env, mpirun
+from mpi_launch import mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 ENVS = os.path.join(os.path.dirname(__file__), "envs")
@@ -55,10 +55,7 @@ def test_exception_on_rank_1_aborts_job_fast_with_message(tmp_path):
 
 def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path):
     run = tmp_path / "run-kill"
-    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", "-m",
-           "mpirl.train", *BASE, "--total-env-steps", "400000", "--run-dir", str(run)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
-                            start_new_session=True)  # fmt: skip
+    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run)])
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "latest").exists():
