@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -45,11 +45,6 @@ def _env_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
-
-
-def launcher_rank() -> int:
-    """This process's rank as announced by the launcher, usable before MPI init."""
-    return _env_rank()
 
 
 def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
@@ -149,13 +144,6 @@ def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     t = torch.tensor([value, -value], dtype=torch.float64)
     out = hvd.allreduce(t, op=hvd.Min, name=name)  # HVD: allreduce
     return float(out[0]), float(-out[1])
-
-
-def gather_objects(obj: Any, name: str) -> list[Any]:
-    """Collective: a list, in rank order, of every rank's picklable ``obj`` (on all ranks)."""
-    import horovod.torch as hvd
-
-    return hvd.allgather_object(obj, name=name)  # HVD: allgather
 
 
 def gather_to_root(obj: Any, name: str) -> list[Any]:
@@ -270,9 +258,3 @@ def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ..
         sys.stderr.write(f"{tb}mpirl: rank {rank} failed: {type(exc).__name__}: {exc}\n")
         abort(1)
         raise  # not reached
-
-
-def world_size_hint() -> Optional[int]:
-    """The world size the launcher announced, or None when started without one."""
-    n = _env_world_size()
-    return n if n > 1 else None

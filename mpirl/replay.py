@@ -348,4 +348,10 @@ class NStepAccumulator:
         )
 
     def state(self) -> list[list[tuple[np.ndarray, int, float]]]:
+        """The per-env queues of steps not yet emitted (picklable), for checkpoints."""
         return [list(p) for p in self._pending]
+
+    def set_state(self, pending: list[list[tuple[np.ndarray, int, float]]]) -> None:
+        if len(pending) != self.num_envs:
+            raise ValueError(f"saved n-step state has {len(pending)} envs, this shard {self.num_envs}")
+        self._pending = [list(p) for p in pending]

@@ -334,7 +334,7 @@ class RankState:
         env_blob = b""
         if vec_state is not None:
             env_blob = pickle.dumps(
-                {"vec": vec_state, "obs": self.obs, "tracker": self.tracker, "nstep": self.nstep._pending}
+                {"vec": vec_state, "obs": self.obs, "tracker": self.tracker, "nstep": self.nstep.state()}
             )
         arrays = self.buffer.export_arrays() if self.cfg.checkpoint_replay else {}
         return checkpoint.RankShard(meta=meta, replay=arrays, env_state=env_blob)
@@ -365,7 +365,8 @@ class RankState:
             if got["env"]:
                 blob = pickle.loads(bytes(got["env"]))
                 envs.restore_vector_state(self.vec, blob["vec"])
-                self.obs, self.tracker, self.nstep._pending = blob["obs"], blob["tracker"], blob["nstep"]
+                self.obs, self.tracker = blob["obs"], blob["tracker"]
+                self.nstep.set_state(blob["nstep"])
                 return "exact resume: replay, RNG and env states restored"
         # Another world size (or envs that could not be pickled): fresh envs and RNG, seeded
         # apart from the first run's by the step count.
