@@ -459,72 +459,58 @@ def restore_shards(
     replay shards (see ``shard_plan``), chunk by chunk. ``begin(total_rows, metas)`` is called
     first on each rank with the metas of the old shards it takes; then ``rows(field,
     first_row, chunk)`` for each chunk (env_state is delivered as field 'env_state' when the
-    world size is unchanged). Rank 0 reads the file; others never touch it."""
-    plan = shard_plan(old_rows, ctx.size)
-    same = len(old_rows) == ctx.size
+    world size is unchanged). Rank 0 reads the file; others never touch it. Same messages as
+    ``save`` uses, the other way round: at most one of about CHUNK_BYTES in flight per rank."""
     if ctx.rank == 0:
+        plan = shard_plan(old_rows, ctx.size)
+        same = len(old_rows) == ctx.size
         with open_checked(path) as f:
             for r in range(ctx.size):
-                pieces = plan[r]
-                metas = [json.loads(f["ranks"][str(i)].attrs["meta"]) for i, _, _ in pieces]
-                total = sum(hi - lo for _, lo, hi in pieces)
+                messages = _shard_messages(f, plan[r], same)
                 if r == 0:
-                    begin(total, metas)
+                    _deliver(messages, begin, rows)
                 else:
-                    dist.send_arrays(r, {"total": total, "metas": metas, "pieces": len(pieces)}, {}, CHUNK_BYTES)
-                offset = 0
-                for i, lo, hi in pieces:
-                    g = f["ranks"][str(i)]
-                    arrays: dict[str, Any] = {k: _Slice(ds, lo, hi) for k, ds in g["replay"].items()}
-                    if same and "env_state" in g:
-                        arrays["env_state"] = g["env_state"]
-                    if r == 0:
-                        for k, a in arrays.items():
-                            _stream_local(k, a, offset if k != "env_state" else 0, rows)
-                    else:
-                        dist.send_arrays(r, {"offset": offset}, arrays, CHUNK_BYTES)  # MPI: chunked
-                    offset += hi - lo
+                    for msg in messages:
+                        dist.send_object(r, msg)  # MPI: header, then chunk batches
+                    dist.send_object(r, None)
     else:
-        state: dict[str, Any] = {}
-
-        def on_first(meta: Any, specs: Any) -> None:
-            state.update(meta)
-            begin(meta["total"], meta["metas"])
-
-        dist.recv_arrays(0, on_first, lambda *a: None, CHUNK_BYTES)
-        for _ in range(state["pieces"]):
-            piece: dict[str, int] = {}
-
-            def on_chunk(k: str, start: int, chunk: np.ndarray, piece: dict[str, int] = piece) -> None:
-                rows(k, (piece["offset"] if k != "env_state" else 0) + start, chunk)
-
-            def on_header(meta: Any, specs: Any, piece: dict[str, int] = piece) -> None:
-                piece.update(meta)
-
-            dist.recv_arrays(0, on_header, on_chunk, CHUNK_BYTES)
+        _deliver(iter(lambda: dist.recv_object(0), None), begin, rows)  # MPI: until None
 
 
-class _Slice:
-    """Rows [lo, hi) of an h5py dataset, sliceable like an array (read lazily)."""
+def _shard_messages(f: h5py.File, pieces: list[tuple[int, int, int]], same: bool) -> Iterator[Any]:
+    """Rank 0: a header ``(total_rows, metas)``, then batches of ``(field, first_row, rows)``
+    of about CHUNK_BYTES, read lazily from the file (rows of ``pieces``, numbered from 0)."""
+    metas = [json.loads(f["ranks"][str(i)].attrs["meta"]) for i, _, _ in pieces]
+    yield sum(hi - lo for _, lo, hi in pieces), metas
+    batch: list[tuple[str, int, np.ndarray]] = []
+    size, offset = 0, 0
+    for i, lo, hi in pieces:
+        g = f["ranks"][str(i)]
+        sources = [(k, ds, lo, hi, offset) for k, ds in g["replay"].items()]
+        if same and "env_state" in g:
+            sources.append(("env_state", g["env_state"], 0, g["env_state"].shape[0], 0))
+        for key, ds, a, b, base in sources:
+            row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+            step = max(1, CHUNK_BYTES // row_bytes)
+            for start in range(a, b, step):
+                chunk = ds[start : min(start + step, b)]
+                batch.append((key, base + start - a, chunk))
+                size += chunk.nbytes
+                if size >= CHUNK_BYTES:
+                    yield batch
+                    batch, size = [], 0
+        offset += hi - lo
+    if batch:
+        yield batch
 
-    def __init__(self, ds: h5py.Dataset, lo: int, hi: int) -> None:
-        self.ds, self.lo, self.hi = ds, lo, hi
-        self.shape = (hi - lo, *ds.shape[1:])
-        self.dtype = ds.dtype
 
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    def __getitem__(self, s: slice) -> np.ndarray:
-        start, stop, _ = s.indices(len(self))
-        return self.ds[self.lo + start : self.lo + stop]
-
-
-def _stream_local(key: str, a: Any, offset: int, rows: Callable[[str, int, np.ndarray], None]) -> None:
-    n = len(a)
-    if n == 0:
-        return
-    row_bytes = max(1, a[0:1].nbytes)
-    step = max(1, CHUNK_BYTES // row_bytes)
-    for start in range(0, n, step):
-        rows(key, offset + start, np.asarray(a[start : start + step]))
+def _deliver(
+    messages: Iterator[Any],
+    begin: Callable[[int, list[dict[str, Any]]], None],
+    rows: Callable[[str, int, np.ndarray], None],
+) -> None:
+    total, metas = next(messages)
+    begin(total, metas)
+    for batch in messages:
+        for key, first_row, chunk in batch:
+            rows(key, first_row, chunk)

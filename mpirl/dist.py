@@ -162,42 +162,6 @@ def recv_object(source: int) -> Any:
     return _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive
 
 
-def send_arrays(dest: int, meta: Any, arrays: dict[str, np.ndarray], chunk_bytes: int) -> None:
-    """Point-to-point: stream ``meta`` and ``arrays`` to rank ``dest`` in chunks of at most
-    ``chunk_bytes``, so neither side ever holds a second full copy. Pairs with recv_arrays."""
-    specs = [(name, a.shape, a.dtype.str) for name, a in arrays.items()]
-    _COMM.send((meta, specs), dest=dest, tag=_SHARD_TAG)  # MPI: send header
-    for a in arrays.values():  # h5py datasets work too: they are read chunk by chunk
-        row_bytes = max(1, a[:1].nbytes if len(a) else 1)
-        rows = max(1, chunk_bytes // row_bytes)
-        for start in range(0, len(a), rows):
-            chunk = np.ascontiguousarray(a[start : start + rows])
-            _COMM.Send(chunk.view(np.uint8).reshape(-1), dest=dest, tag=_SHARD_TAG)  # MPI: send chunk
-
-
-def recv_arrays(
-    source: int,
-    on_header: Callable[[Any, list[tuple[str, tuple[int, ...], str]]], None],
-    on_chunk: Callable[[str, int, np.ndarray], None],
-    chunk_bytes: int,
-) -> None:
-    """Point-to-point: receive what ``send_arrays`` streams from rank ``source``; calls
-    ``on_header(meta, specs)`` once, then ``on_chunk(name, first_row, rows)`` per chunk."""
-    meta, specs = _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive header
-    on_header(meta, specs)
-    for name, shape, dtype_str in specs:
-        dtype = np.dtype(dtype_str)
-        n = shape[0] if shape else 0
-        row_shape = tuple(shape[1:])
-        row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
-        rows = max(1, chunk_bytes // row_bytes)
-        for start in range(0, n, rows):
-            k = min(rows, n - start)
-            buf = np.empty((k, *row_shape), dtype=dtype)
-            _COMM.Recv(buf.view(np.uint8).reshape(-1), source=source, tag=_SHARD_TAG)  # MPI: receive chunk
-            on_chunk(name, start, buf)
-
-
 def abort(code: int = 1) -> None:
     """End the whole job now (MPI_Abort) when it has more than one rank; else exit."""
     sys.stderr.flush()

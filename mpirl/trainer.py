@@ -177,6 +177,7 @@ class Agent:
         base = torch.optim.Adam(self.online.parameters(), lr=cfg.lr_for(ctx.size), eps=cfg.adam_eps, fused=True)
         # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
         self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
+        self._params = list(self.online.parameters())
         self.updates = 0  # applied updates
         self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient
         self.nonfinite_streak = 0
@@ -240,12 +241,13 @@ class Agent:
             # Horovod sums nothing across passes itself; average them so the step size
             # does not depend on backward_passes_per_step.
             (loss / passes).backward()  # HVD: hooks start the gradient allreduce (after the last pass)
-            buffer.update_priorities(b.indices, td.cpu().numpy())
+            if cfg.prioritized:  # a device->host copy per update only where priorities exist
+                buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
         self.optimizer.synchronize()  # HVD: wait for the averaged gradients
         # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
         # every rank skips (or applies) an update alike without another collective.
-        params = list(self.online.parameters())
+        params = self._params
         if cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
         else:
