@@ -1,4 +1,4 @@
-"""Rank 0's run-directory writers: JSONL (every record), CSV (progress rows), TensorBoard.
+"""Rank 0's run-directory writers: JSONL (every record), CSV (progress rows only), TensorBoard.
 
 Only rank 0 constructs a ``MetricsWriter``; other ranks never open files.
 """
@@ -56,7 +56,7 @@ class MetricsWriter:
         row = {"kind": kind, **record}
         self._jsonl.write(json.dumps(row, default=float) + "\n")
         self._jsonl.flush()
-        if kind in ("train", "eval"):
+        if kind == "train":  # one row shape per file: evaluations live in metrics.jsonl
             self._csv.writerow(record)
             self._csv_file.flush()
         if self._tb is not None:

@@ -577,7 +577,8 @@ def train(cfg: Config) -> Summary:
             rs.win[4] += loss_n
             loss_acc.zero_()
             loss_n = 0
-            tot = dist.allreduce_sum(rs.win, name="mpirl.metrics")  # HVD: allreduce of metric sums
+            # HVD: one allreduce of the window sums and the cumulative episode count
+            tot = dist.allreduce_sum(np.append(rs.win, rs.episodes), name="mpirl.metrics")
             rs.win[:] = 0
             now = time.perf_counter()
             sps = (global_steps - steps_last) / max(now - t_last, 1e-9)
@@ -586,6 +587,7 @@ def train(cfg: Config) -> Summary:
             record = {
                 "global_env_steps": global_steps,
                 "updates": agent.updates,
+                "episodes": int(tot[5]),
                 "wall_time_s": now - t_start,
                 "sps": sps,
                 "updates_per_s": ups,

@@ -32,6 +32,9 @@ def test_mpirun_two_ranks_writes_run_dir(tmp_path):
     kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "train" in kinds and "eval" in kinds and kinds[-1] == "final"
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 5
+    rows = (run_dir / "progress.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert int(last[header.index("episodes")]) == summary["episodes"] > 0
     # A second run into the same directory is refused, on every rank.
     res = mpirun(["-m", "mpirl.train", *SHORT, "--run-dir", str(run_dir)], timeout=120)
     assert res.returncode == 2 and "already holds a run" in res.stderr
