@@ -486,7 +486,9 @@ def _shard_messages(f: h5py.File, pieces: list[tuple[int, int, int]], same: bool
     size, offset = 0, 0
     for i, lo, hi in pieces:
         g = f["ranks"][str(i)]
-        sources = [(k, ds, lo, hi, offset) for k, ds in g["replay"].items()]
+        # A whole shard (same world size) is sent whole: fields may have other row counts
+        # than the transitions (a frame-stack replay's frame ring).
+        sources = [(k, ds, *((0, ds.shape[0]) if same else (lo, hi)), offset) for k, ds in g["replay"].items()]
         if same and "env_state" in g:
             sources.append(("env_state", g["env_state"], 0, g["env_state"].shape[0], 0))
         for key, ds, a, b, base in sources:

@@ -43,6 +43,17 @@ class Config:
     )
     num_envs_per_rank: int = _opt(4, "environments in each rank's vector env shard")
     seed: int = _opt(1, "base seed; env i of rank r gets seed + r * num_envs_per_rank + i")
+    frame_stack: int = _opt(4, "Atari: frames stacked into each observation (stored once each in replay)")
+    noop_max: int = _opt(30, "Atari: at most this many no-op actions after each reset")
+    sticky_actions: float = _opt(
+        0.25, "Atari: probability that the emulator repeats the previous action each frame (ALE v5: 0.25)"
+    )
+    terminal_on_life_loss: bool = _opt(
+        False, "Atari: a lost life ends the n-step return (no bootstrap) without resetting the game"
+    )
+    clip_rewards: str = _opt(
+        "auto", "store sign(reward) in replay: on, off, or auto (on for Atari)", choices=("auto", "on", "off")
+    )
 
     # --- run length and evaluation ---------------------------------------------------
     total_env_steps: int = _opt(
@@ -98,6 +109,12 @@ class Config:
     backward_passes_per_step: int = _opt(
         1, "batches per rank whose gradients are accumulated locally before each allreduce"
     )
+    sync_every: int = _opt(
+        1,
+        "updates between synchronisations: 1 averages gradients every update (all ranks identical "
+        "always); K > 1 is local SGD: each rank applies its own gradients and every K-th update the "
+        "ranks average their weights and Adam moments (fewer collectives, replicas differ in between)",
+    )
     device: str = _opt(
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
@@ -149,6 +166,8 @@ class Config:
             "num_envs_per_rank", "total_env_steps", "eval_episodes", "buffer_size_per_rank",
             "batch_size_per_rank", "n_step", "train_every", "gradient_steps",
             "target_update_interval", "backward_passes_per_step", "log_interval", "max_nonfinite_updates",
+            "sync_every",
+            "frame_stack",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -156,7 +175,7 @@ class Config:
         non_negative = (
             "eval_interval", "final_eval_episodes", "learning_starts_per_rank", "eps_decay_steps",
             "per_beta_steps", "torch_threads", "max_grad_norm", "checkpoint_interval", "keep_checkpoints",
-            "expect_world_size",
+            "expect_world_size", "noop_max",
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -174,6 +193,8 @@ class Config:
         for name in ("eps_start", "eps_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.sticky_actions <= 1.0:
+            raise ConfigError(f"--sticky-actions must be in [0, 1], got {self.sticky_actions}")
         if not 0.0 <= self.per_alpha <= 1.0:
             raise ConfigError(f"--per-alpha must be in [0, 1], got {self.per_alpha}")
         if not 0.0 <= self.per_beta0 <= 1.0:
@@ -197,6 +218,10 @@ class Config:
                 f"--learning-starts-per-rank ({self.learning_starts_per_rank}) exceeds "
                 f"--buffer-size-per-rank ({self.buffer_size_per_rank})"
             )
+        if self.sync_every > 1 and self.fp16_allreduce:
+            # fp16 compresses the gradient allreduce, which local SGD does not issue; averaging the
+            # weights themselves in fp16 would round them at every sync point.
+            raise ConfigError("--fp16-allreduce compresses gradients, which --sync-every > 1 does not allreduce")
         if self.target_return is not None and self.target_return != self.target_return:
             raise ConfigError("--target-return is NaN")
         return self

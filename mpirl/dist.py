@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -102,6 +102,30 @@ def wrap_optimizer(
         backward_passes_per_step=backward_passes_per_step,
         op=hvd.Average,
     )
+
+
+def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
+    """Collective: replace each tensor, in place, by its elementwise mean over all ranks.
+
+    Local SGD's parameter averaging (``--sync-every K > 1``). Every rank must pass the same
+    number of tensors with the same shapes, in the same order. They are packed into one flat
+    buffer of the first tensor's dtype and device (exact for float32 weights, Adam moments,
+    step counts and 0/1 flags), so the whole state travels in a single allreduce: for DQN-sized
+    networks the collective's latency, not its bytes, is what costs.
+    """
+    import horovod.torch as hvd
+
+    if not tensors:
+        return
+    dtype, device = tensors[0].dtype, tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+    flat = hvd.allreduce(flat, op=hvd.Average, name=name)  # HVD: allreduce (one fused buffer)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view(t.shape))
+            offset += n
 
 
 def broadcast_model(model: torch.nn.Module) -> None:

@@ -5,6 +5,15 @@ step returns its real final observation; the *next* call to ``step`` resets it, 
 action and returns the reset observation with reward 0. That step is not a transition, so
 callers mask it out with ``prev_done`` (see ``EpisodeTracker``). No ``final_observation``
 info key is used (that was gymnasium 0.29).
+
+Atari (any ALE game, e.g. ``ALE/Pong-v5``, with the ``atari`` extra: ale-py ships the ROMs,
+opencv does the resizing) gets the standard DQN pipeline of Mnih et al. 2015 / Machado et al.
+2018 through gymnasium's wrappers: up to 30 no-op actions at reset, the action repeated over 4
+frames with the last two max-pooled, 84x84 grayscale uint8, and a stack of the last 4 frames,
+observations (4, 84, 84) uint8. The base env is made with ``frameskip=1`` (the skipping is the
+wrapper's); sticky actions (ALE v5's p = 0.25) stay on unless ``--sticky-actions`` says
+otherwise. Reward clipping and terminal-on-life-loss belong to training only, so the trainer
+applies them (evaluation reports game scores).
 """
 
 from __future__ import annotations
@@ -23,6 +32,17 @@ class EnvError(ValueError):
 
 
 @dataclass(frozen=True)
+class AtariOptions:
+    """Preprocessing of ALE games (ignored for every other env)."""
+
+    frame_stack: int = 4  # frames per observation
+    noop_max: int = 30  # at most this many no-op actions after each reset
+    frame_skip: int = 4  # emulator frames per agent step (action repeat)
+    screen_size: int = 84  # square grayscale frames of this side
+    sticky_actions: float = 0.25  # ALE repeat_action_probability (Machado et al. 2018; Nature DQN: 0)
+
+
+@dataclass(frozen=True)
 class EnvInfo:
     """What the model and replay need to know about an environment."""
 
@@ -32,6 +52,8 @@ class EnvInfo:
     n_actions: int
     reward_threshold: Optional[float]
     max_episode_steps: Optional[int]
+    frame_stack: int = 0  # K when observations are K stacked frames made by mpirl (Atari), else 0
+    atari: bool = False  # an ALE game with mpirl's preprocessing
 
 
 def import_env_modules(modules: Sequence[str]) -> None:
@@ -43,9 +65,51 @@ def import_env_modules(modules: Sequence[str]) -> None:
             raise EnvError(f"--env-module {name}: import failed: {type(exc).__name__}: {exc}") from None
 
 
-def _make_one(env_id: str) -> gym.Env:
+def _register_ale(env_id: str) -> None:
+    """ALE games register themselves only once ale_py is imported (gymnasium >= 1.0)."""
+    if env_id in gym.registry:
+        return
     try:
-        return gym.make(env_id)
+        import ale_py
+    except ImportError:
+        if env_id.startswith("ALE/"):
+            raise EnvError(
+                f"{env_id} needs the atari extra (ale-py, opencv): pip install 'mpirl[atari]', "
+                "or MPIRL_EXTRAS=test,atari launch/install.sh"
+            ) from None
+        return
+    gym.register_envs(ale_py)
+
+
+def is_atari(env_id: str) -> bool:
+    """True for games of the Arcade Learning Environment (ale_py's entry point)."""
+    _register_ale(env_id)
+    spec = gym.registry.get(env_id)
+    return spec is not None and "ale_py" in str(spec.entry_point)
+
+
+def make_env(env_id: str, atari: AtariOptions = AtariOptions(), render_mode: Optional[str] = None) -> gym.Env:
+    """One env as mpirl trains on it (Atari: preprocessed and frame-stacked)."""
+    return _make_one(env_id, atari, render_mode)
+
+
+def _make_one(env_id: str, atari: AtariOptions = AtariOptions(), render_mode: Optional[str] = None) -> gym.Env:
+    kwargs: dict[str, Any] = {} if render_mode is None else {"render_mode": render_mode}
+    try:
+        if is_atari(env_id):
+            from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+            env = AtariPreprocessing(
+                # frameskip=1: the wrapper repeats actions and max-pools
+                gym.make(env_id, frameskip=1, repeat_action_probability=atari.sticky_actions, **kwargs),
+                noop_max=atari.noop_max,
+                frame_skip=atari.frame_skip,
+                screen_size=atari.screen_size,
+                grayscale_obs=True,
+                scale_obs=False,  # uint8 through replay; the network scales
+            )
+            return FrameStackObservation(env, atari.frame_stack)  # pads a reset with the first frame
+        return gym.make(env_id, **kwargs)
     except gym.error.Error as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EnvError(f"unknown or unusable environment {env_id!r}: {msg}") from None
@@ -53,9 +117,9 @@ def _make_one(env_id: str) -> gym.Env:
         raise EnvError(f"environment {env_id!r} needs a package that is not installed: {exc}") from None
 
 
-def inspect_env(env_id: str) -> EnvInfo:
+def inspect_env(env_id: str, atari: AtariOptions = AtariOptions()) -> EnvInfo:
     """Build one env, check its spaces, close it. Raises EnvError for what mpirl cannot train."""
-    env = _make_one(env_id)
+    env = _make_one(env_id, atari)
     try:
         act, obs = env.action_space, env.observation_space
         if not isinstance(act, gym.spaces.Discrete):
@@ -73,6 +137,8 @@ def inspect_env(env_id: str) -> EnvInfo:
             n_actions=int(act.n),
             reward_threshold=None if spec is None else spec.reward_threshold,
             max_episode_steps=None if spec is None else spec.max_episode_steps,
+            frame_stack=atari.frame_stack if is_atari(env_id) else 0,
+            atari=is_atari(env_id),
         )
     finally:
         env.close()
@@ -83,27 +149,61 @@ def shard_seeds(seed: int, rank: int, num_envs: int) -> list[int]:
     return [seed + rank * num_envs + i for i in range(num_envs)]
 
 
-def make_vector(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+def make_vector(env_id: str, num_envs: int, atari: AtariOptions = AtariOptions()) -> gym.vector.VectorEnv:
     """A synchronous vector env in next-step autoreset mode.
 
     Sync, not async: a rank already owns a core, and worker processes per env would
     oversubscribe the node. The env steps are cheap next to the update.
     """
-    fns: list[Callable[[], gym.Env]] = [lambda: _make_one(env_id) for _ in range(num_envs)]
+    fns: list[Callable[[], gym.Env]] = [lambda: _make_one(env_id, atari) for _ in range(num_envs)]
     kwargs: dict[str, Any] = {}
     if "autoreset_mode" in inspect.signature(gym.vector.SyncVectorEnv.__init__).parameters:
         kwargs["autoreset_mode"] = gym.vector.AutoresetMode.NEXT_STEP
     return gym.vector.SyncVectorEnv(fns, **kwargs)
 
 
+class _AleSnapshot:
+    """The state of one preprocessed ALE env: the emulator (with its RNG) and every wrapper's
+    attributes. Pickling an ALE env itself would not do: gymnasium pickles it by its
+    constructor arguments, i.e. as a fresh game. One thing ALE's state does not carry is the
+    last emulator action, which a sticky action repeats: with sticky actions on, the first
+    frames after a restore can differ (bitwise-exact resume needs ``--sticky-actions 0``)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        self.ale = env.unwrapped.ale.cloneState(include_rng=True)  # type: ignore[attr-defined]
+        self.layers = [{k: v for k, v in vars(layer).items() if k not in ("env", "ale")} for layer in _layers(env)]
+
+    def apply(self, env: gym.Env) -> None:
+        """Put this state into a fresh env made with the same id and options."""
+        layers = _layers(env)
+        if len(layers) != len(self.layers):
+            raise ValueError("saved ALE env has another wrapper chain than this run's")
+        for layer, attrs in zip(layers, self.layers):
+            vars(layer).update(attrs)
+        env.unwrapped.ale.restoreState(self.ale)  # type: ignore[attr-defined]
+
+
+def _layers(env: gym.Env) -> list[Any]:
+    """The wrapper chain, outermost first, down to the unwrapped env."""
+    out = [env]
+    while hasattr(out[-1], "env"):
+        out.append(out[-1].env)
+    return out
+
+
+def _is_ale_env(env: gym.Env) -> bool:
+    return hasattr(env.unwrapped, "ale") and hasattr(env.unwrapped.ale, "cloneState")
+
+
 def vector_state(vec: gym.vector.VectorEnv) -> Optional[dict[str, Any]]:
     """Picklable state of a sync vector env (its sub-envs with their RNGs, and which envs
-    autoreset on the next step), or None when a sub-env cannot be pickled (e.g. emulators)."""
+    autoreset on the next step), or None when a sub-env cannot be pickled."""
     import pickle
 
-    state = {"envs": getattr(vec, "envs", None), "autoreset": getattr(vec, "_autoreset_envs", None)}
-    if state["envs"] is None or state["autoreset"] is None:
+    subs, autoreset = getattr(vec, "envs", None), getattr(vec, "_autoreset_envs", None)
+    if subs is None or autoreset is None:
         return None
+    state = {"envs": [_AleSnapshot(e) if _is_ale_env(e) else e for e in subs], "autoreset": autoreset}
     try:
         pickle.dumps(state)
     except Exception:  # an env holding handles, C objects, ...
@@ -116,9 +216,15 @@ def restore_vector_state(vec: gym.vector.VectorEnv, state: dict[str, Any]) -> No
     old = vec.envs  # type: ignore[attr-defined]
     if len(state["envs"]) != len(old):
         raise ValueError(f"saved env shard has {len(state['envs'])} envs, this one {len(old)}")
-    for env in old:
-        env.close()
-    vec.envs = list(state["envs"])  # type: ignore[attr-defined]
+    new = []
+    for fresh, saved in zip(old, state["envs"]):
+        if isinstance(saved, _AleSnapshot):
+            saved.apply(fresh)  # the emulator cannot travel by pickle: restore into the fresh one
+            new.append(fresh)
+        else:
+            fresh.close()
+            new.append(saved)
+    vec.envs = new  # type: ignore[attr-defined]
     vec._autoreset_envs = np.array(state["autoreset"], dtype=bool)  # type: ignore[attr-defined]
 
 
@@ -151,11 +257,13 @@ def evaluate(
     env_id: str,
     seeds: Sequence[int],
     max_steps: int = 108_000,
+    atari: AtariOptions = AtariOptions(),
 ) -> list[float]:
-    """Play one greedy episode per seed (batched over a vector env); return their returns."""
+    """Play one greedy episode per seed (batched over a vector env); return their returns
+    (unclipped game scores for Atari)."""
     if not seeds:
         return []
-    envs = make_vector(env_id, len(seeds))
+    envs = make_vector(env_id, len(seeds), atari)
     try:
         obs, _ = envs.reset(seed=list(seeds))  # type: ignore[arg-type]  # vector envs take one seed per env
         returns = np.zeros(len(seeds))

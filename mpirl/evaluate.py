@@ -51,10 +51,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return net(torch.as_tensor(obs, device=args.device)).argmax(dim=1).cpu().numpy()
 
     seeds = list(range(args.seed, args.seed + args.episodes))
+    cfg = header["config"]
+    atari = envs.AtariOptions(frame_stack=int(cfg.get("frame_stack", 4)), noop_max=int(cfg.get("noop_max", 30)),
+                              sticky_actions=float(cfg.get("sticky_actions", 0.25)))  # fmt: skip
     if args.video:
-        returns = _play_recorded(header["env_id"], greedy, seeds, args.video)
+        returns = _play_recorded(header["env_id"], atari, greedy, seeds, args.video)
     else:
-        returns = envs.evaluate(greedy, header["env_id"], seeds)
+        returns = envs.evaluate(greedy, header["env_id"], seeds, atari=atari)
     r = np.asarray(returns)
     result = {"checkpoint": path, "env_id": header["env_id"], "global_env_steps": header["global_env_steps"],
               "episodes": len(r), "mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()),
@@ -70,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _play_recorded(
-    env_id: str, greedy: Callable[[np.ndarray], np.ndarray], seeds: list[int], folder: str
+    env_id: str, atari: envs.AtariOptions, greedy: Callable[[np.ndarray], np.ndarray], seeds: list[int], folder: str
 ) -> list[float]:
     import gymnasium as gym
 
@@ -79,7 +82,10 @@ def _play_recorded(
     except ImportError:
         raise SystemExit("mpirl.evaluate: error: --video needs moviepy (pip install moviepy)") from None
     env = gym.wrappers.RecordVideo(
-        gym.make(env_id, render_mode="rgb_array"), folder, episode_trigger=lambda _: True, name_prefix="mpirl"
+        envs.make_env(env_id, atari, render_mode="rgb_array"),
+        folder,
+        episode_trigger=lambda _: True,
+        name_prefix="mpirl",
     )
     returns = []
     for seed in seeds:

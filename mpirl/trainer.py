@@ -78,6 +78,11 @@ class Summary:
         )
 
 
+def atari_options(cfg: Config) -> envs.AtariOptions:
+    """The env preprocessing the config asks for (applied to ALE games only)."""
+    return envs.AtariOptions(frame_stack=cfg.frame_stack, noop_max=cfg.noop_max, sticky_actions=cfg.sticky_actions)
+
+
 def _default_run_dir(cfg: Config) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{cfg.env_id.replace('/', '_')}-s{cfg.seed}-{stamp}")
@@ -97,11 +102,9 @@ def _probe_writable(path: str) -> None:
             os.remove(probe)
 
 
-def _checkpoint_bytes_estimate(cfg: Config, info: envs.EnvInfo, world_size: int) -> int:
+def _checkpoint_bytes_estimate(cfg: Config, replay_bytes_per_rank: int, world_size: int) -> int:
     """Upper bound of one checkpoint with full replay buffers (before compression)."""
-    obs = int(np.prod(info.obs_shape)) * info.obs_dtype.itemsize
-    per_transition = 2 * obs + 8 + 4 + 1 + 1 + (8 if cfg.prioritized else 0)
-    return cfg.buffer_size_per_rank * per_transition * world_size if cfg.checkpoint_replay else 0
+    return replay_bytes_per_rank * world_size if cfg.checkpoint_replay else 0
 
 
 def _agree(result: tuple[Any, str], name: str) -> Any:
@@ -127,7 +130,7 @@ def _choose_run_dir(cfg: Config, rank: int) -> str:
     return str(_agree(result, "mpirl.run_dir"))
 
 
-def _create_run_dir(cfg: Config, rank: int, path: str, info: envs.EnvInfo, world_size: int) -> None:
+def _create_run_dir(cfg: Config, rank: int, path: str, replay_bytes: int, world_size: int) -> None:
     """Collective: rank 0 creates and probes the run directory and writes config.json."""
     result: tuple[None, str] = (None, "")
     if rank == 0:
@@ -136,7 +139,7 @@ def _create_run_dir(cfg: Config, rank: int, path: str, info: envs.EnvInfo, world
             _probe_writable(path)
             with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
                 json.dump(cfg.to_dict(), fh, indent=2)
-            need, free = _checkpoint_bytes_estimate(cfg, info, world_size), shutil.disk_usage(path).free
+            need, free = _checkpoint_bytes_estimate(cfg, replay_bytes, world_size), shutil.disk_usage(path).free
             if need > free:
                 print(
                     f"mpirl: warning: {path} has {free / 2**30:.1f} GiB free; full replay buffers make checkpoints "
@@ -175,12 +178,30 @@ class Agent:
             p.requires_grad_(False)
         # fused: one kernel for all parameters; per-tensor Adam was the largest cost of an update.
         base = torch.optim.Adam(self.online.parameters(), lr=cfg.lr_for(ctx.size), eps=cfg.adam_eps, fused=True)
-        # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
-        self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
         self._params = list(self.online.parameters())
-        self.updates = 0  # applied updates
-        self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient
+        # --sync-every K > 1 (local SGD): a plain Adam applies each rank's own gradients and
+        # sync_replicas() averages the replicas every K updates. One rank has nobody to average
+        # with, so it takes the K = 1 path: the same code and results as --sync-every 1.
+        self.local_sgd = cfg.sync_every > 1 and ctx.size > 1
+        self.optimizer: Any  # a plain Adam (local SGD) or Horovod's DistributedOptimizer around it
+        if self.local_sgd:
+            self.optimizer = base
+            # Create Adam's state (zero moments, step 0) now instead of at the first step(): a rank
+            # whose first gradients were all non-finite would otherwise have no state to average and
+            # pack a shorter buffer than its peers. load_state_dict puts `step` where fused Adam wants it.
+            zero = {i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                    for i, p in enumerate(self._params)}  # fmt: skip
+            base.load_state_dict({"state": zero, "param_groups": base.state_dict()["param_groups"]})
+        else:
+            # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
+            self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
+        self.updates = 0  # applied updates (agreed: identical on every rank)
+        self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient (K > 1: on some rank)
         self.nonfinite_streak = 0
+        # Local SGD only: update() calls since the last averaging (identical on every rank, since
+        # every rank calls update() alike), and this rank's non-finite flag for each of them.
+        self._since_sync = 0
+        self._window_nonfinite = torch.zeros(cfg.sync_every, device=self.device)
 
     def restore(self, path: str, has_optimizer_state: bool, updates: int, is_root: bool) -> None:
         """Collective: rank 0 loads the networks (and optimizer) from a checkpoint; every rank
@@ -204,7 +225,12 @@ class Agent:
         self.updates = updates
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(a).to(self.device, non_blocking=True)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cuda":
+            # Page-locked staging (torch's caching host allocator reuses it) lets the copy run
+            # asynchronously (DMA) while the host goes on queueing kernels.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
@@ -220,8 +246,10 @@ class Agent:
             return random_actions
         return np.where(explore, random_actions, self.greedy(obs))
 
-    def update(self, buffer: replay.ReplayBuffer, rng: np.random.Generator, beta: float) -> torch.Tensor:
-        """One global update: local TD gradients, averaged across ranks, clipped, applied.
+    def update(self, buffer: replay.Replay, rng: np.random.Generator, beta: float) -> torch.Tensor:
+        """One global update: local TD gradients, averaged across ranks, clipped, applied. With
+        local SGD (``sync_every > 1``): the local gradient, clipped and applied on this rank
+        alone; every ``sync_every``-th call then averages the weights (see sync_replicas).
 
         Returns the mean local loss (a detached scalar tensor, not synchronised).
         """
@@ -240,18 +268,17 @@ class Agent:
             loss, td = algo.td_loss(self.online(obs), self._tensor(b.actions), targets, self._tensor(b.weights))
             # Horovod sums nothing across passes itself; average them so the step size
             # does not depend on backward_passes_per_step.
-            (loss / passes).backward()  # HVD: hooks start the gradient allreduce (after the last pass)
+            (loss / passes).backward()  # HVD (K = 1): hooks start the gradient allreduce (after the last pass)
             if cfg.prioritized:  # a device->host copy per update only where priorities exist
                 buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
+        if self.local_sgd:
+            self._local_step()
+            return total_loss / passes
         self.optimizer.synchronize()  # HVD: wait for the averaged gradients
         # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
         # every rank skips (or applies) an update alike without another collective.
-        params = self._params
-        if cfg.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        norm = self._clip_gradients()
         if not bool(torch.isfinite(norm)):
             self.optimizer.zero_grad()
             self.skipped_updates += 1
@@ -272,14 +299,99 @@ class Agent:
             algo.update_target(self.target, self.online, cfg.tau)  # local, identical on all ranks
         return total_loss / passes
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients in place to ``max_grad_norm`` (0: no clip); return their L2 norm
+        before clipping (non-finite when any gradient entry is NaN/inf)."""
+        params = self._params
+        if self.cfg.max_grad_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+    def _local_step(self) -> None:
+        """Local SGD: apply this rank's own (clipped) gradient unless it is non-finite; average
+        the replicas every ``sync_every``-th call.
+
+        The skip must be agreed, yet the gradient is local. Agreeing at every update would take
+        an allreduce per update, which costs about what the gradient allreduce that local SGD
+        saves does (~0.25 ms for 1 KiB or 256 KiB at 2 ranks: latency-bound; see
+        benchmarks/results/allreduce_cycle005.json). So a rank only withholds its own
+        non-finite gradient (its weights stay finite) and flags the update; the flags ride in
+        the averaging allreduce, where sync_replicas() counts an update as skipped on every rank
+        when any rank flagged it, as K = 1 skips when the averaged gradient is non-finite.
+        """
+        if bool(torch.isfinite(self._clip_gradients())):
+            self.optimizer.step()
+        else:
+            self._window_nonfinite[self._since_sync] = 1.0
+        self.optimizer.zero_grad()
+        self._since_sync += 1
+        if self._since_sync == self.cfg.sync_every:
+            self.sync_replicas()
+
+    def sync_replicas(self) -> None:
+        """Collective under local SGD (``--sync-every K > 1`` on several ranks): average the
+        replicas, agree on the window's skipped updates, then update the target network.
+
+        Afterwards every rank holds identical online weights and Adam state: the mean over
+        ranks of the weights, of ``exp_avg`` and ``exp_avg_sq``, and of the step count. The
+        moments are averaged too, not only the weights: otherwise each rank's Adam would keep
+        its own history, a checkpoint (rank 0's optimizer) could not resume the run exactly,
+        and the mean moments estimate the gradient statistics from N times the samples. The
+        cost is 3x the bytes of the weights, once per K updates, in the same single allreduce.
+
+        The window's updates are counted here (an update is skipped when some rank's local
+        gradient was non-finite), so ``updates`` and the skip counters agree on every rank and
+        lag by at most K - 1 in between; too long a non-finite streak raises NonFiniteError on
+        every rank alike. The target network changes only here, from the averaged (identical)
+        online weights: once if the window crossed a multiple of ``target_update_interval``,
+        soft updates compounded over the crossings (tau' = 1 - (1 - tau)^crossings).
+
+        A no-op (no collective) with K = 1, on one rank, or when no update happened since the
+        last averaging: the window's length is the same on every rank, so all skip alike. The
+        trainer calls it before every evaluation and checkpoint and at the end, so evaluated,
+        saved and final weights are the consensus model and a resumed run continues exactly.
+        """
+        n = self._since_sync
+        if not self.local_sgd or n == 0:
+            return
+        cfg = self.cfg
+        states = [self.optimizer.state[p] for p in self._params]  # created in __init__, so never empty
+        tensors = [*self._params, *(st[k] for st in states for k in ("exp_avg", "exp_avg_sq", "step"))]
+        dist.average_tensors_([*tensors, self._window_nonfinite], name="mpirl.sync")  # HVD: one allreduce
+        for st in states:
+            st["step"].round_()  # a rank that skipped an update stepped once less; keep counts integral
+        # Each flag is now the fraction of ranks whose i-th local gradient was non-finite.
+        skipped = [f > 0 for f in self._window_nonfinite[:n].tolist()]
+        self._window_nonfinite.zero_()
+        self._since_sync = 0
+        before = self.updates
+        for skip in skipped:
+            if not skip:
+                self.updates += 1
+                self.nonfinite_streak = 0
+                continue
+            self.skipped_updates += 1
+            self.nonfinite_streak += 1
+            if self.nonfinite_streak >= cfg.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_streak} updates in a row had a non-finite gradient on some rank (NaN/inf in "
+                    f"rewards, observations or the loss?); stopped at a weight averaging after {self.updates:,} "
+                    "updates; the latest checkpoint in the run directory is intact"
+                )
+        crossings = self.updates // cfg.target_update_interval - before // cfg.target_update_interval
+        if crossings:
+            tau = 1.0 - (1.0 - cfg.tau) ** crossings
+            algo.update_target(self.target, self.online, tau)  # local, from identical weights
+
 
 def _evaluate_global(
-    agent: Agent, env_id: str, ctx: dist.DistContext, episodes: int, seed_base: int, name: str
+    agent: Agent, cfg: Config, ctx: dist.DistContext, episodes: int, seed_base: int, name: str
 ) -> tuple[float, float, float]:
     """Collective: ``episodes`` greedy episodes split over ranks (episode i on rank i % size);
-    returns the global (mean, std, min) return, identical on every rank."""
+    returns the global (mean, std, min) return (game scores), identical on every rank."""
+    agent.sync_replicas()  # HVD (local SGD): evaluate the averaged weights, the ones a checkpoint saves
     mine = [seed_base + i for i in range(ctx.rank, episodes, ctx.size)]
-    rets = np.asarray(envs.evaluate(agent.greedy, env_id, mine), dtype=np.float64)
+    rets = np.asarray(envs.evaluate(agent.greedy, cfg.env_id, mine, atari=atari_options(cfg)), dtype=np.float64)
     local_min = rets.min() if len(rets) else np.inf
     s = dist.allreduce_sum(np.array([rets.sum(), (rets**2).sum(), len(rets)]), name=name)  # HVD: allreduce
     lo, _ = dist.allreduce_min_max(float(local_min), name=name + ".min")  # HVD: allreduce
@@ -308,19 +420,58 @@ class RankState:
     def __init__(self, cfg: Config, info: envs.EnvInfo, ctx: dist.DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         E = cfg.num_envs_per_rank
-        self.vec = envs.make_vector(cfg.env_id, E)
-        self.obs, _ = self.vec.reset(seed=envs.shard_seeds(cfg.seed, ctx.rank, E))  # type: ignore[arg-type]
+        self.vec = envs.make_vector(cfg.env_id, E, atari_options(cfg))
         self.rng = np.random.default_rng([cfg.seed, ctx.rank])  # own generator; no global RNG relied on
+        # Frame stacks are stored as references to single frames (see replay.FrameStackReplay).
+        K = info.frame_stack
+        shape, dtype = ((K,), np.dtype(np.int64)) if K else (info.obs_shape, info.obs_dtype)
         if cfg.prioritized:
-            self.buffer: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
-                cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
+            inner: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
+                cfg.buffer_size_per_rank, shape, dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
             )
         else:
-            self.buffer = replay.ReplayBuffer(cfg.buffer_size_per_rank, info.obs_shape, info.obs_dtype, cfg.gamma)
+            inner = replay.ReplayBuffer(cfg.buffer_size_per_rank, shape, dtype, cfg.gamma)
+        self.frames: Optional[replay.FrameStackReplay] = (
+            replay.FrameStackReplay(inner, info.obs_shape[1:], E, cfg.n_step) if K else None
+        )
+        self.buffer: replay.Replay = inner if self.frames is None else self.frames
+        self.clip_rewards = cfg.clip_rewards == "on" or (cfg.clip_rewards == "auto" and info.atari)
+        self.life_loss = cfg.terminal_on_life_loss
+        self._reset(envs.shard_seeds(cfg.seed, ctx.rank, E))
         self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
         self.tracker = envs.EpisodeTracker(E)
         self.episodes = 0  # episodes finished on this rank
         self.win = np.zeros(5)  # progress window: sum return, sum length, episodes, sum loss, loss count
+
+    def _reset(self, seeds: list[int]) -> None:
+        obs, infos = self.vec.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env
+        self.obs = obs  # what the network sees: (E, *obs_shape)
+        self.keys = self._encode(obs)  # what transitions store: obs, or frame references
+        self.lives = np.asarray(infos.get("lives", np.zeros(len(obs))))
+
+    def _encode(self, obs: np.ndarray) -> np.ndarray:
+        return self.frames.encode_obs(obs) if self.frames is not None else obs
+
+    def step(self, actions: np.ndarray) -> None:
+        """One vector step of this rank's shard; stores the n-step transitions it completes."""
+        next_obs, rewards, terminated, truncated, infos = self.vec.step(actions)
+        valid, fin_r, fin_l = self.tracker.step(rewards, terminated, truncated)  # game scores
+        ends = terminated
+        if self.life_loss and "lives" in infos:
+            lives = np.asarray(infos["lives"])
+            ends = terminated | (valid & (lives < self.lives))  # ends the return, not the game
+            self.lives = lives
+        next_keys = self._encode(next_obs)
+        stored = np.sign(rewards) if self.clip_rewards else rewards
+        ready = self.nstep.push(self.keys, actions, stored, next_keys, ends, truncated, valid)
+        if ready is not None:
+            self.buffer.add(ready)
+        if fin_r:
+            self.episodes += len(fin_r)
+            self.win[0] += sum(fin_r)
+            self.win[1] += sum(fin_l)
+            self.win[2] += len(fin_r)
+        self.obs, self.keys = next_obs, next_keys
 
     def snapshot(self) -> checkpoint.RankShard:
         """This rank's part of a checkpoint."""
@@ -336,7 +487,14 @@ class RankState:
         env_blob = b""
         if vec_state is not None:
             env_blob = pickle.dumps(
-                {"vec": vec_state, "obs": self.obs, "tracker": self.tracker, "nstep": self.nstep.state()}
+                {
+                    "vec": vec_state,
+                    "obs": self.obs,
+                    "keys": self.keys,
+                    "lives": self.lives,
+                    "tracker": self.tracker,
+                    "nstep": self.nstep.state(),
+                }  # fmt: skip
             )
         arrays = self.buffer.export_arrays() if self.cfg.checkpoint_replay else {}
         return checkpoint.RankShard(meta=meta, replay=arrays, env_state=env_blob)
@@ -346,11 +504,17 @@ class RankState:
         same = len(old_rows) == self.ctx.size
         got: dict[str, Any] = {"metas": [], "env": bytearray()}
 
+        # Frame references cannot be split or merged across shards: at another world size a
+        # frame-stack replay starts empty (weights, optimizer and counters still resume).
+        skip = self.frames is not None and not same
+
         def begin(total: int, metas: list[dict[str, Any]]) -> None:
-            got["metas"], got["total"] = metas, total
-            self.buffer.begin_import(total)
+            got["metas"], got["total"] = metas, 0 if skip else total
+            self.buffer.begin_import(got["total"])
 
         def rows(name: str, first: int, chunk: np.ndarray) -> None:
+            if skip:
+                return
             if name == "env_state":
                 got["env"] += chunk.tobytes()
             else:
@@ -367,21 +531,27 @@ class RankState:
             if got["env"]:
                 blob = pickle.loads(bytes(got["env"]))
                 envs.restore_vector_state(self.vec, blob["vec"])
-                self.obs, self.tracker = blob["obs"], blob["tracker"]
+                self.obs, self.keys, self.lives, self.tracker = (
+                    blob["obs"],
+                    blob["keys"],
+                    blob["lives"],
+                    blob["tracker"],
+                )
                 self.nstep.set_state(blob["nstep"])
                 return "exact resume: replay, RNG and env states restored"
         # Another world size (or envs that could not be pickled): fresh envs and RNG, seeded
         # apart from the first run's by the step count.
         self.rng = np.random.default_rng([self.cfg.seed, self.ctx.rank, global_steps])
-        seeds = envs.shard_seeds(self.cfg.seed + global_steps, self.ctx.rank, self.cfg.num_envs_per_rank)
-        self.obs, _ = self.vec.reset(seed=seeds)  # type: ignore[arg-type]
+        self._reset(envs.shard_seeds(self.cfg.seed + global_steps, self.ctx.rank, self.cfg.num_envs_per_rank))
         self.tracker = envs.EpisodeTracker(self.cfg.num_envs_per_rank)
         self.nstep = replay.NStepAccumulator(self.cfg.num_envs_per_rank, self.cfg.n_step, self.cfg.gamma)
         if not same:
-            return (
-                f"world size changed {len(old_rows)} -> {self.ctx.size}: replay shards redistributed "
-                f"({sum(old_rows):,} transitions), env shards and RNGs start fresh"
+            moved = (
+                "frame-stack replay starts empty"
+                if skip
+                else f"replay shards redistributed ({sum(old_rows):,} transitions)"
             )
+            return f"world size changed {len(old_rows)} -> {self.ctx.size}: {moved}, env shards and RNGs start fresh"
         return "env states were not saved (not picklable): env shards restart; replay and weights restored"
 
 
@@ -458,7 +628,7 @@ def train(cfg: Config) -> Summary:
     """
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
-    info = envs.inspect_env(cfg.env_id)  # same outcome on every rank: fails before MPI collectives
+    info = envs.inspect_env(cfg.env_id, atari_options(cfg))  # same outcome on every rank: fails before MPI collectives
     ctx = dist.init(cfg.device, cfg.torch_threads)
     if cfg.expect_world_size and ctx.size != cfg.expect_world_size:
         # Every process sees the same size, so all raise alike (N singletons raise on their own).
@@ -483,9 +653,10 @@ def train(cfg: Config) -> Summary:
     # Counters. Every control-flow decision below depends only on these (identical on all
     # ranks) or on the result of a collective, so no rank branches alone.
     global_steps = iteration = eval_round = 0
+    warmup_from = 0  # iteration from which learning_starts_per_rank counts (reset by an empty resume)
     last_eval = float("nan")
     resume = _resolve_resume(cfg, ctx, run_dir, info)  # before creating anything: a bad file leaves no trace
-    _create_run_dir(cfg, ctx.rank, run_dir, info, N)
+    _create_run_dir(cfg, ctx.rank, run_dir, rs.buffer.nbytes, N)
     if resume is not None:
         agent.restore(resume["path"], resume["optimizer_has_state"], resume["updates"], is_root)
         c = resume["counters"]
@@ -494,6 +665,9 @@ def train(cfg: Config) -> Summary:
         if resume["world_size"] == N and c["steps_per_iter"] != steps_per_iter:
             raise ConfigError("--num-envs-per-rank differs from the checkpoint's; keep it to resume exactly")
         note = rs.restore(resume["path"], resume["shard_rows"], global_steps)
+        fewest, _ = dist.allreduce_min_max(float(len(rs.buffer)), name="mpirl.resume.replay")  # HVD
+        if fewest == 0:  # some rank's replay was not carried over: all warm up again, alike
+            warmup_from = iteration
         log(f"mpirl: resumed from {resume['path']} at {global_steps:,} env steps, {agent.updates:,} updates; {note}")
 
     writer = MetricsWriter(run_dir, cfg.tensorboard) if is_root else None
@@ -508,6 +682,7 @@ def train(cfg: Config) -> Summary:
 
     def save_checkpoint() -> None:
         """Collective: rank 0 writes the job's state; a failure keeps the previous file."""
+        agent.sync_replicas()  # HVD (local SGD): save averaged weights (and counters), identical on all ranks
         header = {
             "global_env_steps": global_steps,
             "updates": agent.updates,
@@ -551,22 +726,11 @@ def train(cfg: Config) -> Summary:
 
     while global_steps < cfg.total_env_steps:
         epsilon = algo.linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, global_steps)
-        actions = agent.act(rs.obs, epsilon, rs.rng)
-        next_obs, rewards, terminated, truncated, _ = rs.vec.step(actions)
-        valid, fin_r, fin_l = rs.tracker.step(rewards, terminated, truncated)
-        ready = rs.nstep.push(rs.obs, actions, rewards, next_obs, terminated, truncated, valid)
-        if ready is not None:
-            rs.buffer.add(ready)
-        if fin_r:
-            rs.episodes += len(fin_r)
-            rs.win[0] += sum(fin_r)
-            rs.win[1] += sum(fin_l)
-            rs.win[2] += len(fin_r)
-        rs.obs = next_obs
+        rs.step(agent.act(rs.obs, epsilon, rs.rng))
         iteration += 1
         global_steps += steps_per_iter
 
-        if iteration * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
+        if (iteration - warmup_from) * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
             beta = algo.linear_schedule(cfg.per_beta0, 1.0, beta_steps, global_steps)
             for _ in range(cfg.gradient_steps):
                 loss_acc += agent.update(rs.buffer, rs.rng, beta)
@@ -606,9 +770,12 @@ def train(cfg: Config) -> Summary:
                 f"eval {last_eval:6.1f} | eta {_fmt_time(eta)}"
             )
 
-        if _crossed(global_steps, steps_per_iter, cfg.eval_interval) and iteration * E >= cfg.learning_starts_per_rank:
+        if (
+            _crossed(global_steps, steps_per_iter, cfg.eval_interval)
+            and (iteration - warmup_from) * E >= cfg.learning_starts_per_rank
+        ):
             seed_base = cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes
-            mean, std, lo = _evaluate_global(agent, cfg.env_id, ctx, cfg.eval_episodes, seed_base, name="mpirl.eval")
+            mean, std, lo = _evaluate_global(agent, cfg, ctx, cfg.eval_episodes, seed_base, name="mpirl.eval")
             eval_round += 1
             last_eval = mean
             if writer is not None:
@@ -642,13 +809,14 @@ def train(cfg: Config) -> Summary:
     rs.vec.close()
     if cfg.final_eval_episodes > 0 and not preempted:
         f_mean, f_std, _ = _evaluate_global(
-            agent, cfg.env_id, ctx, cfg.final_eval_episodes, cfg.seed + 2_000_000, name="mpirl.final_eval"
+            agent, cfg, ctx, cfg.final_eval_episodes, cfg.seed + 2_000_000, name="mpirl.final_eval"
         )
     else:
         f_mean, f_std = float("nan"), float("nan")
     episodes = int(dist.allreduce_sum(np.array([rs.episodes]), name="mpirl.episodes")[0])  # HVD
     _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time
     _, checkpoint_s = dist.allreduce_min_max(checkpoint_s, name="mpirl.checkpoint_time")  # HVD
+    agent.sync_replicas()  # HVD (local SGD): end on averaged weights (a no-op if nothing changed)
     checksum = model.parameter_checksum(agent.online)
     lo, hi = dist.allreduce_min_max(checksum, name="mpirl.checksum")  # HVD: replicas still identical?
     summary = Summary(

@@ -36,11 +36,13 @@ CASES = [
     (["--hidden-sizes", "64,0"], "--hidden-sizes must be positive widths"),
     (["--target-update-interval", "0"], "--target-update-interval must be positive"),
     (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
+    (["--sync-every", "0"], "--sync-every must be positive"),
     # combinations
     (["--buffer-size-per-rank", "32"], "--buffer-size-per-rank (32) is smaller than --batch-size-per-rank (64)"),
     (["--learning-starts-per-rank", "10"], "--learning-starts-per-rank (10) is below --batch-size-per-rank (64)"),
     (["--learning-starts-per-rank", "200000"], "exceeds --buffer-size-per-rank (100000)"),
     (["--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
+    (["--sync-every", "4", "--fp16-allreduce"], "--fp16-allreduce compresses gradients, which --sync-every > 1"),
     # files
     (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
     (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),

@@ -66,6 +66,10 @@ def test_toml_then_flags_override(tmp_path):
         (["--dueling", "maybe"], "--dueling must be a boolean"),
         (["--hidden-sizes", "64,0"], "--hidden-sizes must be positive"),
         (["--tau", "0"], "--tau must be in (0, 1]"),
+        (["--sync-every", "0"], "--sync-every must be positive"),
+        (["--sync-every", "-4"], "--sync-every must be positive"),
+        (["--sync-every", "2.5"], "--sync-every must be an integer"),
+        (["--sync-every", "4", "--fp16-allreduce"], "--fp16-allreduce compresses gradients"),
     ],
 )
 def test_bad_flags_one_line_errors(argv, fragment):
@@ -100,3 +104,9 @@ def test_derived_values():
     assert cfg.lr_for(4) == pytest.approx(4e-3)
     assert Config(lr_scaling="sqrt", lr=1e-3).lr_for(4) == pytest.approx(2e-3)
     assert cfg.global_batch_size(4) == 256
+
+
+def test_sync_every_default_and_combinations():
+    assert Config().sync_every == 1
+    assert parse_args(["--sync-every", "16", "--backward-passes-per-step", "2"]).sync_every == 16
+    assert parse_args(["--sync-every", "1", "--fp16-allreduce"]).fp16_allreduce  # K = 1 keeps fp16

@@ -45,3 +45,43 @@ def test_evaluate_plays_one_episode_per_seed():
     rets = envs.evaluate(lambda o: np.zeros(len(o), dtype=np.int64), "CartPole-v1", [3, 4, 5])
     assert len(rets) == 3 and all(5 <= r <= 30 for r in rets)
     assert envs.evaluate(lambda o: o, "CartPole-v1", []) == []
+
+
+def test_ale_env_state_survives_pickling_into_a_fresh_env():
+    pytest.importorskip("ale_py")
+    import pickle
+
+    atari = envs.AtariOptions(sticky_actions=0.25)
+    vec = envs.make_vector("ALE/Pong-v5", 2, atari)
+    vec.reset(seed=[1, 2])
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        vec.step(rng.integers(0, 6, size=2))
+    saved = pickle.loads(pickle.dumps(envs.vector_state(vec)))
+    other = envs.make_vector("ALE/Pong-v5", 2, atari)
+    other.reset(seed=[7, 8])
+    envs.restore_vector_state(other, saved)
+    for a, b in zip(vec.envs, other.envs):  # emulator memory, RNG and the wrappers' frames
+        assert np.array_equal(a.unwrapped.ale.getRAM(), b.unwrapped.ale.getRAM())
+        assert a.unwrapped.np_random.bit_generator.state == b.unwrapped.np_random.bit_generator.state
+        assert all(np.array_equal(x, y) for x, y in zip(a.obs_queue, b.obs_queue))
+    # Without sticky actions (whose last action ALE's state lacks) the futures are identical.
+    atari0 = envs.AtariOptions(sticky_actions=0.0)
+    vec, other = envs.make_vector("ALE/Pong-v5", 2, atari0), envs.make_vector("ALE/Pong-v5", 2, atari0)
+    vec.reset(seed=[1, 2])
+    other.reset(seed=[5, 6])
+    for _ in range(40):
+        vec.step(rng.integers(0, 6, size=2))
+    envs.restore_vector_state(other, pickle.loads(pickle.dumps(envs.vector_state(vec))))
+    for _ in range(300):
+        act = rng.integers(0, 6, size=2)
+        o1, r1, t1, _, _ = vec.step(act)
+        o2, r2, t2, _, _ = other.step(act)
+        assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(t1, t2)
+
+
+def test_atari_preprocessing_shapes_and_registration():
+    pytest.importorskip("ale_py")
+    info = envs.inspect_env("ALE/Pong-v5", envs.AtariOptions(frame_stack=3))
+    assert info.obs_shape == (3, 84, 84) and info.obs_dtype == np.uint8 and info.frame_stack == 3 and info.atari
+    assert not envs.inspect_env("CartPole-v1").atari
