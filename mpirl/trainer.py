@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -246,10 +246,20 @@ class Agent:
             return random_actions
         return np.where(explore, random_actions, self.greedy(obs))
 
-    def update(self, buffer: replay.Replay, rng: np.random.Generator, beta: float) -> torch.Tensor:
+    def update(
+        self,
+        buffer: replay.Replay,
+        rng: np.random.Generator,
+        beta: float,
+        overlap: Optional[Callable[[], None]] = None,
+    ) -> torch.Tensor:
         """One global update: local TD gradients, averaged across ranks, clipped, applied. With
         local SGD (``sync_every > 1``): the local gradient, clipped and applied on this rank
         alone; every ``sync_every``-th call then averages the weights (see sync_replicas).
+
+        ``overlap``: work to do while the gradient allreduce is in flight (the trainer steps
+        the env shard there), after the backward pass and before the averaged gradient is
+        waited for; it must not touch the online network's gradients or weights.
 
         Returns the mean local loss (a detached scalar tensor, not synchronised).
         """
@@ -272,6 +282,8 @@ class Agent:
             if cfg.prioritized:  # a device->host copy per update only where priorities exist
                 buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
+        if overlap is not None:
+            overlap()  # runs while Horovod's background thread averages the gradients
         if self.local_sgd:
             self._local_step()
             return total_loss / passes
@@ -726,15 +738,23 @@ def train(cfg: Config) -> Summary:
 
     while global_steps < cfg.total_env_steps:
         epsilon = algo.linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, global_steps)
-        rs.step(agent.act(rs.obs, epsilon, rs.rng))
-        iteration += 1
-        global_steps += steps_per_iter
 
+        def act_and_step(eps: float = epsilon) -> None:
+            rs.step(agent.act(rs.obs, eps, rs.rng))
+
+        # The training phase that the last env step made due runs now, overlapped with the
+        # next env step: the shard steps while the gradient allreduce is in flight, so acting
+        # uses the weights of one update earlier (benchmarks/throughput.py measures the gain).
         if (iteration - warmup_from) * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
             beta = algo.linear_schedule(cfg.per_beta0, 1.0, beta_steps, global_steps)
-            for _ in range(cfg.gradient_steps):
-                loss_acc += agent.update(rs.buffer, rs.rng, beta)
+            for g in range(cfg.gradient_steps):
+                last = g == cfg.gradient_steps - 1
+                loss_acc += agent.update(rs.buffer, rs.rng, beta, overlap=act_and_step if last else None)
                 loss_n += 1
+        else:
+            act_and_step()
+        iteration += 1
+        global_steps += steps_per_iter
 
         if _crossed(global_steps, steps_per_iter, cfg.log_interval) or global_steps >= cfg.total_env_steps:
             rs.win[3] += float(loss_acc)

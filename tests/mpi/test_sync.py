@@ -40,10 +40,11 @@ def _reports(tmp_path, overrides, np=2):
 def test_replicas_diverge_between_and_are_the_mean_at_averaging_points(tmp_path):
     r0, r1 = _reports(tmp_path, {})
     assert r0["local_sgd"] and r1["local_sgd"]
-    # 200 iterations of 2 ranks x 4 envs, updates from iteration 50 on: 151 update() calls;
-    # averaging after every 4th, and the 3 left over before the final checkpoint.
-    assert len(r0["updates"]) == len(r1["updates"]) == 151
-    assert [s["window"] for s in r0["syncs"]] == [4] * 37 + [3]
+    # 200 iterations of 2 ranks x 4 envs, updates due after iteration 50 on, each run with the next
+    # env step (none after the last): 150 update() calls; averaging after every 4th, and the 2
+    # left over before the final checkpoint.
+    assert len(r0["updates"]) == len(r1["updates"]) == 150
+    assert [s["window"] for s in r0["syncs"]] == [4] * 37 + [2]
     assert [s["window"] for s in r1["syncs"]] == [s["window"] for s in r0["syncs"]]
     for i, (u0, u1) in enumerate(zip(r0["updates"], r1["updates"])):
         assert u0["since_sync"] == u1["since_sync"] == (i + 1) % 4
@@ -61,9 +62,9 @@ def test_replicas_diverge_between_and_are_the_mean_at_averaging_points(tmp_path)
     # The final state: networks and Adam state identical, counters agreed and complete.
     for key in ("online_sha256", "target_sha256", "adam_sha256"):
         assert r0[key] == r1[key], key
-    assert r0["adam_steps"] == r1["adam_steps"] == [151.0] * len(r0["adam_steps"])
+    assert r0["adam_steps"] == r1["adam_steps"] == [150.0] * len(r0["adam_steps"])
     assert r0["summary"] == r1["summary"]
-    assert r0["summary"]["updates"] == 151 and r0["summary"]["skipped_updates"] == 0
+    assert r0["summary"]["updates"] == 150 and r0["summary"]["skipped_updates"] == 0
     assert r0["summary"]["replicas_identical"] is True
 
 
@@ -92,7 +93,7 @@ def test_cli_run_ends_with_identical_replicas(tmp_path):
              "--backward-passes-per-step", "2", "--eval-interval", "800", "--eval-episodes", "2",
              "--checkpoint-interval", "1000")  # fmt: skip
     assert s["replicas_identical"] is True and s["world_size"] == 2
-    assert s["updates"] == 201 and s["skipped_updates"] == 0
+    assert s["updates"] == 200 and s["skipped_updates"] == 0  # none after the last env step
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
