@@ -183,16 +183,20 @@ class Agent:
         # sync_replicas() averages the replicas every K updates. One rank has nobody to average
         # with, so it takes the K = 1 path: the same code and results as --sync-every 1.
         self.local_sgd = cfg.sync_every > 1 and ctx.size > 1
-        self.optimizer: Any  # a plain Adam (local SGD) or Horovod's DistributedOptimizer around it
-        if self.local_sgd:
+        # One rank has nobody to average with either: it skips Horovod's optimizer, whose
+        # background cycle would only add latency to every update (benchmarks/throughput.py).
+        self.allreduce_gradients = ctx.size > 1 and not self.local_sgd
+        self.optimizer: Any  # a plain Adam, or Horovod's DistributedOptimizer around it
+        if not self.allreduce_gradients:
             self.optimizer = base
+        if self.local_sgd:
             # Create Adam's state (zero moments, step 0) now instead of at the first step(): a rank
             # whose first gradients were all non-finite would otherwise have no state to average and
             # pack a shorter buffer than its peers. load_state_dict puts `step` where fused Adam wants it.
             zero = {i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                     for i, p in enumerate(self._params)}  # fmt: skip
             base.load_state_dict({"state": zero, "param_groups": base.state_dict()["param_groups"]})
-        else:
+        elif self.allreduce_gradients:
             # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
             self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
         self.updates = 0  # applied updates (agreed: identical on every rank)
@@ -287,7 +291,8 @@ class Agent:
         if self.local_sgd:
             self._local_step()
             return total_loss / passes
-        self.optimizer.synchronize()  # HVD: wait for the averaged gradients
+        if self.allreduce_gradients:
+            self.optimizer.synchronize()  # HVD: wait for the averaged gradients
         # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
         # every rank skips (or applies) an update alike without another collective.
         norm = self._clip_gradients()
@@ -303,7 +308,10 @@ class Agent:
                 )
             return total_loss / passes
         self.nonfinite_streak = 0
-        with self.optimizer.skip_synchronize():
+        if self.allreduce_gradients:
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
+        else:
             self.optimizer.step()
         self.optimizer.zero_grad()  # torch >= 2 sets grads to None
         self.updates += 1
