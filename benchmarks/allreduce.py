@@ -1,6 +1,6 @@
 """Horovod allreduce against a raw mpi4py Allreduce of the same float32 buffers, same run.
 
-    launch/mpirun.sh -np 2 -- python benchmarks/allreduce.py [--json benchmarks/results/allreduce.json]
+    launch/mpirun.sh -np 2 -- python benchmarks/allreduce.py [--json benchmarks/results/allreduce.json] [--quick]
 
 For each size from 1 KiB to 64 MiB: raw MPI before hvd.init and again after hvd.shutdown (the
 mean of the two), Horovod in between; figures are medians over rounds of per-call times, the
@@ -32,7 +32,10 @@ def main() -> None:
     ap.add_argument("--max-mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per size")
     ap.add_argument("--json", default="")
+    ap.add_argument("--quick", action="store_true", help="smoke run: up to 4 MiB, 2 rounds")
     args = ap.parse_args()
+    if args.quick:
+        args.max_mib, args.rounds = 4, 2
 
     import horovod.torch as hvd
     from mpi4py import MPI

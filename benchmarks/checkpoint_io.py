@@ -2,7 +2,7 @@
 
 Run under MPI (every rank fills a replay shard; rank 0 writes the checkpoint):
 
-    launch/mpirun.sh -np 2 -- python benchmarks/checkpoint_io.py --gib 1.0 [--repeats 3]
+    launch/mpirun.sh -np 2 -- python benchmarks/checkpoint_io.py --gib 1.0 [--repeats 3] [--quick]
 
 Each rank fills a uint8 frame-stack replay (4x84x84, like Atari) with synthetic frames
 (a static background and moving blocks, so compression sees realistic redundancy) until the
@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default="", help="where to write (default: a temp dir under the repo)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 0.1 GiB, 1 repeat")
     args = ap.parse_args()
+    if args.quick:
+        args.gib, args.repeats = 0.1, 1
     ctx = dist.init("cpu", 0)
     shape = (4, 84, 84)
     per_transition = 2 * int(np.prod(shape)) + 8 + 4 + 1 + 1

@@ -2,7 +2,7 @@
 steps), on CartPole-v1 with default options and no early stop, from the run's own summary
 (checkpoint_s is the slowest rank's time inside checkpoint.save, wall_time_s the loop's).
 
-    .venv/bin/python benchmarks/checkpoint_share.py [--ranks 2] [--steps 300000]
+    .venv/bin/python benchmarks/checkpoint_share.py [--ranks 2] [--steps 300000] [--quick]
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300_000)
     ap.add_argument("--json", default="")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10,000 env steps (only the final checkpoint)")
     args = ap.parse_args()
+    if args.quick:
+        args.steps = 10_000
     s = run_mpirl(args.ranks, ["--total-env-steps", str(args.steps), "--no-early-stop", "--eval-interval", "0",
                                "--final-eval-episodes", "0"])  # fmt: skip
     n_ckpt = args.steps // 50_000 + (1 if args.steps % 50_000 else 0)

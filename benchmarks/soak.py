@@ -16,15 +16,7 @@ import subprocess
 import tempfile
 import time
 
-from common import LAUNCH, machine
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import LAUNCH, machine, rss_mib
 
 
 def rank_pids(marker: str) -> dict[int, int]:

@@ -5,7 +5,8 @@ is the median over repeats and each ratio is against the 1-rank baseline of the 
 Weak scaling: every rank does the same work (4 envs, batch 64 per rank), so ideal scaling
 from 1 to 2 ranks doubles global env steps/s at the same updates/s.
 
-    .venv/bin/python benchmarks/throughput.py [--steps-per-rank 12000] [--repeats 3]
+    .venv/bin/python benchmarks/throughput.py [--steps-per-rank 12000] [--repeats 3] [--quick]
+        [--baseline-rev REV]      # also run 1 and 2 ranks of commit REV (a git worktree), interleaved
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import statistics
 
-from common import machine, run_mpirl
+from common import machine, run_mpirl, worktree
 
 VARIANTS = {
     "1 rank": (1, {}),
@@ -31,7 +32,16 @@ def main() -> None:
     ap.add_argument("--steps-per-rank", type=int, default=12_000, help="env steps per rank per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3,000 env steps per rank, 1 repeat")
+    ap.add_argument("--baseline-rev", default="", help="a git revision to measure side by side (1 and 2 ranks)")
     args = ap.parse_args()
+    if args.quick:
+        args.steps_per_rank, args.repeats = 3_000, 1
+    variants = {name: (np, env, None) for name, (np, env) in VARIANTS.items()}
+    if args.baseline_rev:
+        tree = worktree(args.baseline_rev)
+        variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, tree)
+        variants[f"2 ranks @ {args.baseline_rev}"] = (2, {}, tree)
 
     samples: dict[str, list[dict]] = {k: [] for k in VARIANTS}
     for _ in range(args.repeats):
