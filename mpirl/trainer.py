@@ -298,14 +298,7 @@ class Agent:
         norm = self._clip_gradients()
         if not bool(torch.isfinite(norm)):
             self.optimizer.zero_grad()
-            self.skipped_updates += 1
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak >= cfg.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.nonfinite_streak} updates in a row had a non-finite averaged gradient (NaN/inf in "
-                    f"rewards, observations or the loss?); stopped after {self.updates:,} updates, weights unchanged "
-                    "since the last finite update; the latest checkpoint in the run directory is intact"
-                )
+            self._count_skip("a non-finite averaged gradient", "weights unchanged since the last finite update")
             return total_loss / passes
         self.nonfinite_streak = 0
         if self.allreduce_gradients:
@@ -318,6 +311,18 @@ class Agent:
         if self.updates % cfg.target_update_interval == 0:
             algo.update_target(self.target, self.online, cfg.tau)  # local, identical on all ranks
         return total_loss / passes
+
+    def _count_skip(self, what: str, where: str) -> None:
+        """Count one update skipped on every rank alike; raise NonFiniteError (on every rank) once
+        ``max_nonfinite_updates`` were skipped in a row."""
+        self.skipped_updates += 1
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_updates:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} updates in a row had {what} (NaN/inf in rewards, observations or the "
+                f"loss?); stopped after {self.updates:,} updates, {where}; the latest checkpoint in the run "
+                "directory is intact"
+            )
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the gradients in place to ``max_grad_norm`` (0: no clip); return their L2 norm
@@ -390,14 +395,7 @@ class Agent:
                 self.updates += 1
                 self.nonfinite_streak = 0
                 continue
-            self.skipped_updates += 1
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak >= cfg.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.nonfinite_streak} updates in a row had a non-finite gradient on some rank (NaN/inf in "
-                    f"rewards, observations or the loss?); stopped at a weight averaging after {self.updates:,} "
-                    "updates; the latest checkpoint in the run directory is intact"
-                )
+            self._count_skip("a non-finite gradient on some rank", "stopped at a weight averaging")
         crossings = self.updates // cfg.target_update_interval - before // cfg.target_update_interval
         if crossings:
             tau = 1.0 - (1.0 - cfg.tau) ** crossings
