@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from typing import Optional
 
 from common import machine, run_mpirl, worktree
 
@@ -37,18 +38,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps_per_rank, args.repeats = 3_000, 1
-    variants = {name: (np, env, None) for name, (np, env) in VARIANTS.items()}
+    # name -> (ranks, extra environment, checkout to run: None = this one)
+    variants: dict[str, tuple[int, dict[str, str], Optional[str]]] = {
+        name: (np, env, None) for name, (np, env) in VARIANTS.items()
+    }
     if args.baseline_rev:
         tree = worktree(args.baseline_rev)
         variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, tree)
         variants[f"2 ranks @ {args.baseline_rev}"] = (2, {}, tree)
 
-    samples: dict[str, list[dict]] = {k: [] for k in VARIANTS}
+    samples: dict[str, list[dict]] = {k: [] for k in variants}
     for _ in range(args.repeats):
-        for name, (np, env) in VARIANTS.items():
+        for name, (np, env, checkout) in variants.items():
             steps = args.steps_per_rank * np
             s = run_mpirl(np, ["--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes",
-                               "0", "--log-interval", str(steps)], env=env)  # fmt: skip
+                               "0", "--log-interval", str(steps)], env=env, tree=checkout)  # fmt: skip
             samples[name].append(
                 {"sps": s["global_env_steps"] / s["wall_time_s"], "ups": s["updates"] / s["wall_time_s"]}
             )

@@ -43,6 +43,10 @@ CASES = [
     (["--learning-starts-per-rank", "200000"], "exceeds --buffer-size-per-rank (100000)"),
     (["--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
     (["--sync-every", "4", "--fp16-allreduce"], "--fp16-allreduce compresses gradients, which --sync-every > 1"),
+    # Atari options
+    (["--frame-stack", "0"], "--frame-stack must be positive, got 0"),
+    (["--sticky-actions", "1.5"], "--sticky-actions must be in [0, 1], got 1.5"),
+    (["--clip-rewards", "maybe"], "--clip-rewards must be one of auto, on, off"),
     # files
     (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
     (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
