@@ -186,9 +186,13 @@ class Agent:
         # One rank has nobody to average with either: it skips Horovod's optimizer, whose
         # background cycle would only add latency to every update (benchmarks/throughput.py).
         self.allreduce_gradients = ctx.size > 1 and not self.local_sgd
-        self.optimizer: Any  # a plain Adam, or Horovod's DistributedOptimizer around it
-        if not self.allreduce_gradients:
-            self.optimizer = base
+        # A plain Adam, or Horovod's DistributedOptimizer around it. A fresh Adam is identical on
+        # every rank already; see dist.broadcast_optimizer.
+        self.optimizer: Any = (
+            dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
+            if self.allreduce_gradients
+            else base
+        )
         if self.local_sgd:
             # Create Adam's state (zero moments, step 0) now instead of at the first step(): a rank
             # whose first gradients were all non-finite would otherwise have no state to average and
@@ -196,9 +200,6 @@ class Agent:
             zero = {i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                     for i, p in enumerate(self._params)}  # fmt: skip
             base.load_state_dict({"state": zero, "param_groups": base.state_dict()["param_groups"]})
-        elif self.allreduce_gradients:
-            # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
-            self.optimizer = dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
         self.updates = 0  # applied updates (agreed: identical on every rank)
         self.skipped_updates = 0  # updates skipped for a non-finite averaged gradient (K > 1: on some rank)
         self.nonfinite_streak = 0
@@ -512,7 +513,7 @@ class RankState:
                     "lives": self.lives,
                     "tracker": self.tracker,
                     "nstep": self.nstep.state(),
-                }  # fmt: skip
+                }
             )
         arrays = self.buffer.export_arrays() if self.cfg.checkpoint_replay else {}
         return checkpoint.RankShard(meta=meta, replay=arrays, env_state=env_blob)
@@ -523,22 +524,21 @@ class RankState:
         got: dict[str, Any] = {"metas": [], "env": bytearray()}
 
         # Frame references cannot be split or merged across shards: at another world size a
-        # frame-stack replay starts empty (weights, optimizer and counters still resume).
+        # frame-stack replay starts empty (weights, optimizer and counters still resume), so no
+        # rows are sent at all.
         skip = self.frames is not None and not same
 
         def begin(total: int, metas: list[dict[str, Any]]) -> None:
-            got["metas"], got["total"] = metas, 0 if skip else total
-            self.buffer.begin_import(got["total"])
+            got["metas"], got["total"] = metas, total
+            self.buffer.begin_import(total)
 
         def rows(name: str, first: int, chunk: np.ndarray) -> None:
-            if skip:
-                return
             if name == "env_state":
                 got["env"] += chunk.tobytes()
             else:
                 self.buffer.import_rows(name, first, chunk)
 
-        checkpoint.restore_shards(path, self.ctx, old_rows, begin, rows)
+        checkpoint.restore_shards(path, self.ctx, [0] * len(old_rows) if skip else old_rows, begin, rows)
         metas = got["metas"]
         self.buffer.end_import(got["total"], metas[0]["replay"] if same and metas else None)
         if same and metas:
@@ -672,6 +672,11 @@ def train(cfg: Config) -> Summary:
     # ranks) or on the result of a collective, so no rank branches alone.
     global_steps = iteration = eval_round = 0
     warmup_from = 0  # iteration from which learning_starts_per_rank counts (reset by an empty resume)
+
+    def warmed_up() -> bool:
+        """Has this rank taken learning_starts_per_rank env steps since the (re)start of its replay?"""
+        return (iteration - warmup_from) * E >= cfg.learning_starts_per_rank
+
     last_eval = float("nan")
     resume = _resolve_resume(cfg, ctx, run_dir, info)  # before creating anything: a bad file leaves no trace
     _create_run_dir(cfg, ctx.rank, run_dir, rs.buffer.nbytes, N)
@@ -679,6 +684,7 @@ def train(cfg: Config) -> Summary:
         agent.restore(resume["path"], resume["optimizer_has_state"], resume["updates"], is_root)
         c = resume["counters"]
         global_steps, iteration, eval_round = c["global_env_steps"], c["iteration"], c["eval_round"]
+        warmup_from = int(c.get("warmup_from", 0))
         last_eval = c["last_eval"] if c["last_eval"] is not None else float("nan")
         if resume["world_size"] == N and c["steps_per_iter"] != steps_per_iter:
             raise ConfigError("--num-envs-per-rank differs from the checkpoint's; keep it to resume exactly")
@@ -714,6 +720,7 @@ def train(cfg: Config) -> Summary:
                 "eval_round": eval_round,
                 "last_eval": None if math.isnan(last_eval) else last_eval,
                 "steps_per_iter": steps_per_iter,
+                "warmup_from": warmup_from,
             },  # fmt: skip
         }
         nonlocal checkpoint_s
@@ -751,7 +758,7 @@ def train(cfg: Config) -> Summary:
         # The training phase that the last env step made due runs now, overlapped with the
         # next env step: the shard steps while the gradient allreduce is in flight, so acting
         # uses the weights of one update earlier (benchmarks/throughput.py measures the gain).
-        if (iteration - warmup_from) * E >= cfg.learning_starts_per_rank and iteration % cfg.train_every == 0:
+        if warmed_up() and iteration % cfg.train_every == 0:
             beta = algo.linear_schedule(cfg.per_beta0, 1.0, beta_steps, global_steps)
             for g in range(cfg.gradient_steps):
                 last = g == cfg.gradient_steps - 1
@@ -796,10 +803,7 @@ def train(cfg: Config) -> Summary:
                 f"eval {last_eval:6.1f} | eta {_fmt_time(eta)}"
             )
 
-        if (
-            _crossed(global_steps, steps_per_iter, cfg.eval_interval)
-            and (iteration - warmup_from) * E >= cfg.learning_starts_per_rank
-        ):
+        if _crossed(global_steps, steps_per_iter, cfg.eval_interval) and warmed_up():
             seed_base = cfg.seed + 1_000_000 + eval_round * cfg.eval_episodes
             mean, std, lo = _evaluate_global(agent, cfg, ctx, cfg.eval_episodes, seed_base, name="mpirl.eval")
             eval_round += 1
