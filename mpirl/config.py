@@ -41,7 +41,7 @@ class Config:
     env_module: str = _opt(
         "", "comma-separated modules to import first, so that their environments register themselves"
     )
-    num_envs_per_rank: int = _opt(4, "environments in each rank's vector env shard")
+    num_envs_per_rank: int = _opt(8, "environments in each rank's vector env shard")
     seed: int = _opt(1, "base seed; env i of rank r gets seed + r * num_envs_per_rank + i")
     frame_stack: int = _opt(4, "Atari: frames stacked into each observation (stored once each in replay)")
     noop_max: int = _opt(30, "Atari: at most this many no-op actions after each reset")
@@ -83,9 +83,9 @@ class Config:
     n_step: int = _opt(3, "n-step returns; 1 is one-step TD")
     double_dqn: bool = _opt(True, "double DQN targets (online net picks, target net evaluates)")
     dueling: bool = _opt(False, "dueling value/advantage head")
-    hidden_sizes: tuple[int, ...] = _opt((256, 256), "MLP hidden layer widths, comma-separated")
-    batch_size_per_rank: int = _opt(64, "samples each rank contributes to every global update")
-    lr: float = _opt(1e-3, "Adam learning rate at world size 1 (see lr_scaling)")
+    hidden_sizes: tuple[int, ...] = _opt((128, 128), "MLP hidden layer widths, comma-separated")
+    batch_size_per_rank: int = _opt(128, "samples each rank contributes to every global update")
+    lr: float = _opt(5e-3, "Adam learning rate at world size 1 (see lr_scaling)")
     lr_scaling: str = _opt(
         "none",
         "how lr changes with N ranks (global batch grows N-fold): none, linear (lr*N) or sqrt (lr*sqrt(N))",
@@ -98,8 +98,8 @@ class Config:
     )
     train_every: int = _opt(1, "vector-env steps per rank between training phases")
     gradient_steps: int = _opt(1, "global updates per training phase")
-    target_update_interval: int = _opt(500, "updates between target-network updates")
-    tau: float = _opt(1.0, "target update: target <- tau*online + (1-tau)*target; 1.0 is a hard copy")
+    target_update_interval: int = _opt(1, "updates between target-network updates")
+    tau: float = _opt(0.01, "target update: target <- tau*online + (1-tau)*target; 1.0 is a hard copy")
     eps_start: float = _opt(1.0, "epsilon-greedy: initial epsilon")
     eps_end: float = _opt(0.05, "epsilon-greedy: final epsilon")
     eps_decay_steps: int = _opt(10_000, "global env steps over which epsilon decays linearly")
