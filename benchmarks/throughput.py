@@ -2,8 +2,9 @@
 
 Variants run interleaved (A B C A B C ...) so that machine noise hits all alike; each figure
 is the median over repeats and each ratio is against the 1-rank baseline of the same run.
-Weak scaling: every rank does the same work (4 envs, batch 64 per rank), so ideal scaling
-from 1 to 2 ranks doubles global env steps/s at the same updates/s.
+Weak scaling: every rank does the same work (mpirl's CartPole defaults, passed explicitly so that
+a --baseline-rev with other defaults does the same work: 8 envs, batch 128 per rank, MLP
+128x128), so ideal scaling from 1 to 2 ranks doubles global env steps/s at the same updates/s.
 
     .venv/bin/python benchmarks/throughput.py [--steps-per-rank 12000] [--repeats 3] [--quick]
         [--baseline-rev REV]      # also run 1 and 2 ranks of commit REV (a git worktree), interleaved
@@ -26,6 +27,10 @@ VARIANTS = {
     # mpirl sets HOROVOD_CYCLE_TIME=0.05 (ms) with several ranks; this is Horovod's default.
     "2 ranks, Horovod's default 1 ms cycle": (2, {"HOROVOD_CYCLE_TIME": "1"}),
 }
+
+
+# The per-rank work of every variant, whatever the defaults of the checkout that runs it.
+WORK = ["--num-envs-per-rank", "8", "--batch-size-per-rank", "128", "--hidden-sizes", "128,128"]
 
 
 def main() -> None:
@@ -51,7 +56,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, (np, env, checkout) in variants.items():
             steps = args.steps_per_rank * np
-            s = run_mpirl(np, ["--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes",
+            s = run_mpirl(np, [*WORK, "--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes",
                                "0", "--log-interval", str(steps)], env=env, tree=checkout)  # fmt: skip
             samples[name].append(
                 {"sps": s["global_env_steps"] / s["wall_time_s"], "ups": s["updates"] / s["wall_time_s"]}
