@@ -96,15 +96,20 @@ def run_mpirl(
     timeout: float = 900,
     run_dir: Optional[str] = None,
     tree: Optional[str] = None,
+    core: Optional[int] = None,
 ) -> dict:
     """Run ``python -m mpirl.train ARGS`` on ``np`` ranks; return summary.json plus the
     launcher-measured wall time (``total_wall_s``, start-up included).
 
     ``run_dir``: keep the run directory there (replaced if it exists; its checkpoints are
-    deleted after the run, only the logs are kept); default: a temporary one."""
+    deleted after the run, only the logs are kept); default: a temporary one. ``core``: run
+    the whole job on this one core (taskset; mpirun's own binding off, since it would pick
+    core 0 whatever the taskset), so that concurrent jobs do not share a core."""
     with tempfile.TemporaryDirectory(prefix="mpirl-bench-") as tmp:
         target = fresh_dir(run_dir) if run_dir else os.path.join(tmp, "run")
-        cmd = [LAUNCH, "-np", str(np), "--", "python", "-m", "mpirl.train", *args,
+        pin = [] if core is None else ["taskset", "-c", str(core)]
+        unbind = [] if core is None else ["--oversubscribe"]  # launch/mpirun.sh: --bind-to none
+        cmd = [*pin, LAUNCH, "-np", str(np), *unbind, "--", "python", "-m", "mpirl.train", *args,
                "--run-dir", target, "--no-tensorboard"]  # fmt: skip
         # tree: another checkout of mpirl (e.g. a git worktree of an older commit) whose
         # package `python -m` then imports first, being the working directory.

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from common import machine, run_mpirl, worktree
@@ -29,6 +31,7 @@ VARIANTS = {
 }
 
 
+CEILING = "2 independent 1-rank jobs at once, one per core (no communication): the ceiling"
 # The per-rank work of every variant, whatever the defaults of the checkout that runs it.
 WORK = ["--num-envs-per-rank", "8", "--batch-size-per-rank", "128", "--hidden-sizes", "128,128"]
 
@@ -52,15 +55,27 @@ def main() -> None:
         variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, tree)
         variants[f"2 ranks @ {args.baseline_rev}"] = (2, {}, tree)
 
-    samples: dict[str, list[dict]] = {k: [] for k in variants}
+    def run_args(steps: int) -> list[str]:
+        return [*WORK, "--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes", "0",
+                "--log-interval", str(steps)]  # fmt: skip
+
+    ceiling = (os.cpu_count() or 1) >= 2  # needs two cores to pin the two jobs on
+    samples: dict[str, list[dict]] = {k: [] for k in [*variants, *([CEILING] if ceiling else [])]}
     for _ in range(args.repeats):
         for name, (np, env, checkout) in variants.items():
-            steps = args.steps_per_rank * np
-            s = run_mpirl(np, [*WORK, "--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes",
-                               "0", "--log-interval", str(steps)], env=env, tree=checkout)  # fmt: skip
+            s = run_mpirl(np, run_args(args.steps_per_rank * np), env=env, tree=checkout)
             samples[name].append(
                 {"sps": s["global_env_steps"] / s["wall_time_s"], "ups": s["updates"] / s["wall_time_s"]}
             )
+        # The machine's own ceiling: two 1-rank jobs at once, each on its own core, with no MPI
+        # between them. What they lose against one job alone (shared caches, memory bandwidth,
+        # the hypervisor) no allreduce can win back, so it bounds weak scaling on this machine.
+        if not ceiling:
+            continue
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda c: run_mpirl(1, run_args(args.steps_per_rank), core=c), (0, 1)))
+        samples[CEILING].append({"sps": sum(s["global_env_steps"] / s["wall_time_s"] for s in pair),
+                                 "ups": sum(s["updates"] / s["wall_time_s"] for s in pair)})  # fmt: skip
     base = statistics.median(x["sps"] for x in samples["1 rank"])
     base_u = statistics.median(x["ups"] for x in samples["1 rank"])
     results = []
@@ -72,6 +87,10 @@ def main() -> None:
         ups = statistics.median(x["ups"] for x in xs)
         results.append({"variant": name, "sps": sps, "ups": ups, "sps_ratio": sps / base, "ups_ratio": ups / base_u})
         print(f"| {name} | {sps:,.0f} | {ups:,.0f} | {sps / base:.2f}x | {ups / base_u:.2f}x |")
+    if ceiling:
+        by_name = {r["variant"]: r["sps"] for r in results}
+        ratio = by_name["2 ranks"] / by_name[CEILING]
+        print(f"2 ranks reach {ratio:.2f}x of the ceiling's global env steps/s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": machine(), "args": vars(args), "results": results}, fh, indent=2)
