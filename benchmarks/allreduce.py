@@ -6,7 +6,9 @@ For each size from 1 KiB to 64 MiB: raw MPI before hvd.init and again after hvd.
 mean of the two), Horovod in between; figures are medians over rounds of per-call times, the
 slowest rank's. Bandwidth is the algorithm bandwidth, bytes / time.
 Horovod's figure includes what a training step pays: the tensor queue, negotiation over its
-controller, fusion, and the wait in synchronize. Horovod runs with mpirl's HOROVOD_CYCLE_TIME
+controller, fusion, and the wait in synchronize. It is timed two ways, alternating: in place
+(``hvd.allreduce_`` with Average, what mpirl's DistributedOptimizer does with each gradient: the
+headline ratio) and returning a new tensor (``hvd.allreduce``: one more allocation and copy). Horovod runs with mpirl's HOROVOD_CYCLE_TIME
 (0.05 ms) unless the environment sets another (HOROVOD_CYCLE_TIME=1 is Horovod's default).
 """
 
@@ -54,19 +56,27 @@ def main() -> None:
         return max(3, min(200, (64 << 20) // nbytes))
 
     def time_mpi() -> list[float]:
+        """Per size, the faster of two raw calls (the stronger baseline): separate send and
+        receive buffers, and MPI_IN_PLACE (what Horovod itself passes to MPI_Allreduce)."""
         out = []
         for nbytes in sizes:
             send = np.ones(nbytes // 4, dtype=np.float32)
             recv = np.empty_like(send)
-            comm.Allreduce(send, recv, op=MPI.SUM)  # warm-up
-            times = []
+            calls = {"two_buffers": lambda: comm.Allreduce(send, recv, op=MPI.SUM),
+                     "in_place": lambda: comm.Allreduce(MPI.IN_PLACE, recv, op=MPI.SUM)}  # fmt: skip
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for call in calls.values():
+                call()  # warm-up
             for _ in range(args.rounds):
-                comm.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters_for(nbytes)):
-                    comm.Allreduce(send, recv, op=MPI.SUM)
-                times.append((time.perf_counter() - t0) / iters_for(nbytes))
-            out.append(comm.allreduce(statistics.median(times), op=MPI.MAX))  # the slowest rank's view
+                for name, call in calls.items():
+                    recv.fill(1.0)  # in place sums grow; keep them finite
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(iters_for(nbytes)):
+                        call()
+                    times[name].append((time.perf_counter() - t0) / iters_for(nbytes))
+            best = min(statistics.median(ts) for ts in times.values())
+            out.append(comm.allreduce(best, op=MPI.MAX))  # the slowest rank's view
         return out
 
     # Raw MPI is timed while Horovod is not running (before init, after shutdown): Horovod's
@@ -74,34 +84,47 @@ def main() -> None:
     # raw baseline down, not Horovod.
     mpi_before = time_mpi()
     hvd.init()
-    hvd_times = []
+    # Two Horovod calls, alternating round by round: hvd.allreduce returns a new tensor (an
+    # allocation and a copy of the whole buffer per call, on top of the reduction), while
+    # hvd.allreduce_ averages in place, as mpirl's DistributedOptimizer does with every gradient.
+    # Average (sum, then one scaling pass) is mpirl's op; it keeps the in-place values finite.
+    calls = {"copy": lambda t: hvd.allreduce(t, name="bench", op=hvd.Sum),
+             "in_place": lambda t: hvd.allreduce_(t, name="bench_", op=hvd.Average)}  # fmt: skip
+    hvd_times: dict[str, list[float]] = {k: [] for k in calls}
     for nbytes in sizes:
         t = torch.ones(nbytes // 4, dtype=torch.float32)
-        hvd.allreduce(t, name="warm", op=hvd.Sum)
-        times = []
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for call in calls.values():
+            call(t)  # warm-up
         for _ in range(args.rounds):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters_for(nbytes)):
-                hvd.allreduce(t, name="bench", op=hvd.Sum)
-            times.append((time.perf_counter() - t0) / iters_for(nbytes))
-        hvd_times.append(comm.allreduce(statistics.median(times), op=MPI.MAX))
+            for name, call in calls.items():
+                comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters_for(nbytes)):
+                    call(t)
+                times[name].append((time.perf_counter() - t0) / iters_for(nbytes))
+        for name in calls:
+            hvd_times[name].append(comm.allreduce(statistics.median(times[name]), op=MPI.MAX))
     rank, size = hvd.rank(), hvd.size()
     hvd.shutdown()
     mpi_after = time_mpi()
     rows = []
-    for nbytes, h, m1, m2 in zip(sizes, hvd_times, mpi_before, mpi_after):
+    for nbytes, h, hc, m1, m2 in zip(sizes, hvd_times["in_place"], hvd_times["copy"], mpi_before, mpi_after):
         m = (m1 + m2) / 2
-        rows.append({"bytes": nbytes, "horovod_s": h, "mpi4py_s": m, "mpi4py_before_s": m1, "mpi4py_after_s": m2,
-                     "ratio": m / h, "horovod_MBps": nbytes / h / 1e6, "mpi4py_MBps": nbytes / m / 1e6})  # fmt: skip
+        rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m, "mpi4py_before_s": m1,
+                     "mpi4py_after_s": m2, "ratio": m / h, "ratio_copy": m / hc, "horovod_MBps": nbytes / h / 1e6,
+                     "mpi4py_MBps": nbytes / m / 1e6})  # fmt: skip
     if rank == 0:
         print(f"machine: {machine()}; {size} ranks")
-        print("| size | Horovod | mpi4py Allreduce | Horovod bandwidth vs raw |")
-        print("| --- | --- | --- | --- |")
+        print("| size | Horovod in place (mpirl's) | Horovod, new tensor | mpi4py Allreduce | in place vs raw | "
+              "new tensor vs raw |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |")
         for r in rows:
             size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2**20 else f"{r['bytes'] // 2**20} MiB"
             print(f"| {size} | {r['horovod_s'] * 1e6:,.0f} µs ({r['horovod_MBps']:,.0f} MB/s) | "
-                  f"{r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | {r['ratio']:.2f}x |")  # fmt: skip
+                  f"{r['horovod_copy_s'] * 1e6:,.0f} µs | "
+                  f"{r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | {r['ratio']:.2f}x | "
+                  f"{r['ratio_copy']:.2f}x |")  # fmt: skip
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump({"machine": machine(), "ranks": size, "env": {k: v for k, v in os.environ.items()
