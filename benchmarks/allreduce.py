@@ -2,13 +2,14 @@
 
     launch/mpirun.sh -np 2 -- python benchmarks/allreduce.py [--json benchmarks/results/allreduce.json] [--quick]
 
-For each size from 1 KiB to 64 MiB: raw MPI before hvd.init and again after hvd.shutdown (the
-mean of the two), Horovod in between; figures are medians over rounds of per-call times, the
-slowest rank's. Bandwidth is the algorithm bandwidth, bytes / time.
+For each size from 1 KiB to 64 MiB, in blocks: raw MPI, Horovod (hvd.init ... hvd.shutdown),
+raw MPI, Horovod, ..., raw MPI. Each Horovod block is compared with the mean of the raw blocks
+around it; the ratio is the median over blocks (min-max shown). Times are medians over rounds of
+per-call times, the slowest rank's. Bandwidth is the algorithm bandwidth, bytes / time.
 Horovod's figure includes what a training step pays: the tensor queue, negotiation over its
 controller, fusion, and the wait in synchronize. It is timed two ways, alternating: in place
-(``hvd.allreduce_`` with Average, what mpirl's DistributedOptimizer does with each gradient: the
-headline ratio) and returning a new tensor (``hvd.allreduce``: one more allocation and copy). Horovod runs with mpirl's HOROVOD_CYCLE_TIME
+(``hvd.allreduce_``, as mpirl's DistributedOptimizer does with each gradient: the headline
+ratio) and returning a new tensor (``hvd.allreduce``: one more allocation and copy). Horovod runs with mpirl's HOROVOD_CYCLE_TIME
 (0.05 ms) unless the environment sets another (HOROVOD_CYCLE_TIME=1 is Horovod's default).
 """
 
@@ -32,12 +33,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--min-kib", type=int, default=1)
     ap.add_argument("--max-mib", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per size")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per size within a block")
+    ap.add_argument("--blocks", type=int, default=3, help="Horovod blocks, each between two raw MPI blocks")
     ap.add_argument("--json", default="")
     ap.add_argument("--quick", action="store_true", help="smoke run: up to 4 MiB, 2 rounds")
     args = ap.parse_args()
     if args.quick:
-        args.max_mib, args.rounds = 4, 2
+        args.max_mib, args.rounds, args.blocks = 4, 2, 1
 
     import horovod.torch as hvd
     from mpi4py import MPI
@@ -82,48 +84,66 @@ def main() -> None:
     # Raw MPI is timed while Horovod is not running (before init, after shutdown): Horovod's
     # background thread polls all the time and, with ranks filling the cores, would slow the
     # raw baseline down, not Horovod.
-    mpi_before = time_mpi()
-    hvd.init()
     # Two Horovod calls, alternating round by round: hvd.allreduce returns a new tensor (an
     # allocation and a copy of the whole buffer per call, on top of the reduction), while
     # hvd.allreduce_ averages in place, as mpirl's DistributedOptimizer does with every gradient.
-    # Average (sum, then one scaling pass) is mpirl's op; it keeps the in-place values finite.
+    # Sum on both sides, as raw MPI does (mpirl averages: one more scaling pass over the buffer).
     calls = {"copy": lambda t: hvd.allreduce(t, name="bench", op=hvd.Sum),
-             "in_place": lambda t: hvd.allreduce_(t, name="bench_", op=hvd.Average)}  # fmt: skip
-    hvd_times: dict[str, list[float]] = {k: [] for k in calls}
-    for nbytes in sizes:
-        t = torch.ones(nbytes // 4, dtype=torch.float32)
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for call in calls.values():
-            call(t)  # warm-up
-        for _ in range(args.rounds):
-            for name, call in calls.items():
-                comm.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters_for(nbytes)):
-                    call(t)
-                times[name].append((time.perf_counter() - t0) / iters_for(nbytes))
-        for name in calls:
-            hvd_times[name].append(comm.allreduce(statistics.median(times[name]), op=MPI.MAX))
-    rank, size = hvd.rank(), hvd.size()
-    hvd.shutdown()
-    mpi_after = time_mpi()
+             "in_place": lambda t: hvd.allreduce_(t, name="bench_", op=hvd.Sum)}  # fmt: skip
+
+    def time_hvd() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {k: [] for k in calls}
+        for nbytes in sizes:
+            t = torch.ones(nbytes // 4, dtype=torch.float32)
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for call in calls.values():
+                call(t)  # warm-up
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(iters_for(nbytes)):
+                        call(t)
+                    times[name].append((time.perf_counter() - t0) / iters_for(nbytes))
+            for name in calls:
+                out[name].append(comm.allreduce(statistics.median(times[name]), op=MPI.MAX))
+        return out
+
+    # Blocks alternate raw, Horovod, raw, Horovod, ..., raw (Horovod started and shut down each
+    # time); each Horovod block is compared with the raw blocks on either side of it, and the
+    # ratio reported is the median over blocks: this machine's speed drifts by 2-3x over minutes.
+    raw_blocks = [time_mpi()]
+    hvd_blocks = []
+    for _ in range(args.blocks):
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+        hvd_blocks.append(time_hvd())
+        hvd.shutdown()
+        raw_blocks.append(time_mpi())
     rows = []
-    for nbytes, h, hc, m1, m2 in zip(sizes, hvd_times["in_place"], hvd_times["copy"], mpi_before, mpi_after):
-        m = (m1 + m2) / 2
-        rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m, "mpi4py_before_s": m1,
-                     "mpi4py_after_s": m2, "ratio": m / h, "ratio_copy": m / hc, "horovod_MBps": nbytes / h / 1e6,
-                     "mpi4py_MBps": nbytes / m / 1e6})  # fmt: skip
+    for i, nbytes in enumerate(sizes):
+        raw = [(raw_blocks[b][i] + raw_blocks[b + 1][i]) / 2 for b in range(args.blocks)]
+        ratio = [m / h["in_place"][i] for m, h in zip(raw, hvd_blocks)]
+        ratio_copy = [m / h["copy"][i] for m, h in zip(raw, hvd_blocks)]
+        h = statistics.median(b["in_place"][i] for b in hvd_blocks)
+        hc = statistics.median(b["copy"][i] for b in hvd_blocks)
+        m = statistics.median(raw)
+        rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m,
+                     "ratio": statistics.median(ratio), "ratio_min": min(ratio), "ratio_max": max(ratio),
+                     "ratio_copy": statistics.median(ratio_copy), "horovod_MBps": nbytes / h / 1e6,
+                     "mpi4py_MBps": nbytes / m / 1e6, "mpi4py_blocks_s": [r[i] for r in raw_blocks],
+                     "horovod_blocks_s": [b["in_place"][i] for b in hvd_blocks]})  # fmt: skip
     if rank == 0:
         print(f"machine: {machine()}; {size} ranks")
-        print("| size | Horovod in place (mpirl's) | Horovod, new tensor | mpi4py Allreduce | in place vs raw | "
+        print("| size | Horovod in place (mpirl's) | Horovod, new tensor | mpi4py Allreduce | in place vs raw (min-max) | "
               "new tensor vs raw |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- |")
         for r in rows:
             size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2**20 else f"{r['bytes'] // 2**20} MiB"
             print(f"| {size} | {r['horovod_s'] * 1e6:,.0f} µs ({r['horovod_MBps']:,.0f} MB/s) | "
                   f"{r['horovod_copy_s'] * 1e6:,.0f} µs | "
-                  f"{r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | {r['ratio']:.2f}x | "
+                  f"{r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | {r['ratio']:.2f}x "
+                  f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                   f"{r['ratio_copy']:.2f}x |")  # fmt: skip
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:

@@ -76,21 +76,32 @@ def main() -> None:
             pair = list(pool.map(lambda c: run_mpirl(1, run_args(args.steps_per_rank), core=c), (0, 1)))
         samples[CEILING].append({"sps": sum(s["global_env_steps"] / s["wall_time_s"] for s in pair),
                                  "ups": sum(s["updates"] / s["wall_time_s"] for s in pair)})  # fmt: skip
-    base = statistics.median(x["sps"] for x in samples["1 rank"])
-    base_u = statistics.median(x["ups"] for x in samples["1 rank"])
+    # Ratios are taken within each repeat (a variant against the 1-rank run of the same round),
+    # then their median: this machine drifts by tens of percent over minutes, and a ratio of
+    # medians taken from different rounds would carry that drift.
+    one = samples["1 rank"]
     results = []
     print(f"machine: {machine()}")
-    print("| variant | global env steps/s | updates/s | env steps/s vs 1 rank | updates/s vs 1 rank |")
+    print("| variant | global env steps/s | updates/s | env steps/s vs 1 rank (min-max over repeats) | "
+          "updates/s vs 1 rank |")  # fmt: skip
     print("| --- | --- | --- | --- | --- |")
     for name, xs in samples.items():
         sps = statistics.median(x["sps"] for x in xs)
         ups = statistics.median(x["ups"] for x in xs)
-        results.append({"variant": name, "sps": sps, "ups": ups, "sps_ratio": sps / base, "ups_ratio": ups / base_u})
-        print(f"| {name} | {sps:,.0f} | {ups:,.0f} | {sps / base:.2f}x | {ups / base_u:.2f}x |")
+        r_sps = [x["sps"] / b["sps"] for x, b in zip(xs, one)]
+        r_ups = [x["ups"] / b["ups"] for x, b in zip(xs, one)]
+        results.append({"variant": name, "sps": sps, "ups": ups, "sps_ratio": statistics.median(r_sps),
+                        "ups_ratio": statistics.median(r_ups), "sps_ratios": r_sps, "ups_ratios": r_ups,
+                        "samples": xs})  # fmt: skip
+        print(f"| {name} | {sps:,.0f} | {ups:,.0f} | {statistics.median(r_sps):.2f}x ({min(r_sps):.2f}-"
+              f"{max(r_sps):.2f}) | {statistics.median(r_ups):.2f}x |")  # fmt: skip
     if ceiling:
-        by_name = {r["variant"]: r["sps"] for r in results}
-        ratio = by_name["2 ranks"] / by_name[CEILING]
-        print(f"2 ranks reach {ratio:.2f}x of the ceiling's global env steps/s")
+        two, pair = samples["2 ranks"], samples[CEILING]
+        of_ceiling = [t["sps"] / c["sps"] for t, c in zip(two, pair)]
+        print(f"2 ranks reach {statistics.median(of_ceiling):.2f}x ({min(of_ceiling):.2f}-{max(of_ceiling):.2f}) "
+              "of the ceiling's global env steps/s, per repeat")  # fmt: skip
+        results.append({"variant": "2 ranks / ceiling", "sps_ratio": statistics.median(of_ceiling),
+                        "sps_ratios": of_ceiling})  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": machine(), "args": vars(args), "results": results}, fh, indent=2)
