@@ -38,8 +38,8 @@ CASES = [
     (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
     (["--sync-every", "0"], "--sync-every must be positive"),
     # combinations
-    (["--buffer-size-per-rank", "32"], "--buffer-size-per-rank (32) is smaller than --batch-size-per-rank (64)"),
-    (["--learning-starts-per-rank", "10"], "--learning-starts-per-rank (10) is below --batch-size-per-rank (64)"),
+    (["--buffer-size-per-rank", "32"], "--buffer-size-per-rank (32) is smaller than --batch-size-per-rank (128)"),
+    (["--learning-starts-per-rank", "10"], "--learning-starts-per-rank (10) is below --batch-size-per-rank (128)"),
     (["--learning-starts-per-rank", "200000"], "exceeds --buffer-size-per-rank (100000)"),
     (["--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
     (["--sync-every", "4", "--fp16-allreduce"], "--fp16-allreduce compresses gradients, which --sync-every > 1"),

@@ -44,7 +44,7 @@ def test_help_lists_options():
     res = run([sys.executable, "-m", "mpirl.train", "--help"], timeout=60)
     assert res.returncode == 0
     text = " ".join(res.stdout.split())  # argparse wraps lines
-    assert "--num-envs-per-rank INT environments in each rank's vector env shard (default: 4)" in text
+    assert "--num-envs-per-rank INT environments in each rank's vector env shard (default: 8)" in text
 
 
 def test_env_module_registers_user_env(tmp_path):

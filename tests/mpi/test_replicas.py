@@ -17,6 +17,7 @@ BASE = dict(
     eval_interval=0,
     final_eval_episodes=4,
     target_update_interval=20,
+    num_envs_per_rank=4,  # 1600 env steps -> 150 updates at 2 ranks
     tau=1.0,  # hard copies here; the soft update (the default) has its own case below
     log_interval=800,
     tensorboard=False,

@@ -22,6 +22,7 @@ BASE = dict(
     eval_interval=0,
     final_eval_episodes=2,
     target_update_interval=20,
+    num_envs_per_rank=4,  # 1600 env steps -> 150 updates at 2 ranks
     tau=1.0,  # hard copies at window crossings (the default is a soft update)
     log_interval=800,
     tensorboard=False,
@@ -81,7 +82,7 @@ def test_one_rank_sync_every_is_sync_every_1(tmp_path):
 def _cli(run_dir, steps, *extra):
     args = ["-m", "mpirl.train", "--total-env-steps", str(steps), "--learning-starts-per-rank", "200",
             "--hidden-sizes", "16,16", "--log-interval", "800", "--no-tensorboard", "--target-update-interval", "20",
-            "--tau", "1",
+            "--tau", "1", "--num-envs-per-rank", "4",
             "--final-eval-episodes", "2", "--sync-every", "4", "--run-dir", str(run_dir), *extra]  # fmt: skip
     res = mpirun(args, timeout=240)
     assert res.returncode == 0, res.output[-4000:]
