@@ -1,7 +1,8 @@
 """Throughput of the training loop: global env steps/s and updates/s, side by side.
 
 Variants run interleaved (A B C A B C ...) so that machine noise hits all alike; each figure
-is the median over repeats and each ratio is against the 1-rank baseline of the same run.
+is the median over repeats, and each ratio the median of per-round ratios against the 1-rank run
+of the same round.
 Weak scaling: every rank does the same work (mpirl's CartPole defaults, passed explicitly so that
 a --baseline-rev with other defaults does the same work: 8 envs, batch 128 per rank, MLP
 128x128), so ideal scaling from 1 to 2 ranks doubles global env steps/s at the same updates/s.
@@ -96,8 +97,7 @@ def main() -> None:
         print(f"| {name} | {sps:,.0f} | {ups:,.0f} | {statistics.median(r_sps):.2f}x ({min(r_sps):.2f}-"
               f"{max(r_sps):.2f}) | {statistics.median(r_ups):.2f}x |")  # fmt: skip
     if ceiling:
-        two, pair = samples["2 ranks"], samples[CEILING]
-        of_ceiling = [t["sps"] / c["sps"] for t, c in zip(two, pair)]
+        of_ceiling = [t["sps"] / c["sps"] for t, c in zip(samples["2 ranks"], samples[CEILING])]
         print(f"2 ranks reach {statistics.median(of_ceiling):.2f}x ({min(of_ceiling):.2f}-{max(of_ceiling):.2f}) "
               "of the ceiling's global env steps/s, per repeat")  # fmt: skip
         results.append({"variant": "2 ranks / ceiling", "sps_ratio": statistics.median(of_ceiling),
