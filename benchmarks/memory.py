@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import QUICK_RESULTS, RESULTS, machine, rss_mib, write_json  # noqa: E402
 
-from mpirl import replay  # noqa: E402
+from mpirl import frame_replay, replay  # noqa: E402
 
 MiB = 2**20
 CHUNK = 65_536  # transitions per add(): keeps the fill's temporaries to a few MiB
@@ -103,9 +103,9 @@ ATARI_RAW: dict[str, tuple[int, str]] = {
 ATARI_ENVS, ATARI_EPISODE = 4, 1_000  # env shard per rank; steps per synthetic episode
 
 
-def atari_frame_stack(capacity: int) -> replay.FrameStackReplay:
+def atari_frame_stack(capacity: int) -> frame_replay.FrameStackReplay:
     inner = replay.ReplayBuffer(capacity, (4,), np.dtype(np.int64), 0.99)
-    return replay.FrameStackReplay(inner, ATARI_FRAME, ATARI_ENVS, n_step=3)
+    return frame_replay.FrameStackReplay(inner, ATARI_FRAME, ATARI_ENVS, n_step=3)
 
 
 def atari_naive(capacity: int) -> replay.ReplayBuffer:
@@ -117,7 +117,7 @@ def fill_atari(buf: Any, capacity: int, rng: np.random.Generator) -> None:
     stack of 4 equal frames every ATARI_EPISODE steps), stored as 1-step transitions."""
     frames = rng.integers(0, 256, size=(64, *ATARI_FRAME), dtype=np.uint8)  # reused: content is irrelevant
     stacks = np.repeat(frames[:1][None], ATARI_ENVS, axis=0).repeat(4, axis=1)
-    encode = buf.encode_obs if isinstance(buf, replay.FrameStackReplay) else (lambda o: o.copy())
+    encode = buf.encode_obs if isinstance(buf, frame_replay.FrameStackReplay) else (lambda o: o.copy())
     keys = encode(stacks)
     ones = np.ones(ATARI_ENVS, np.uint8)
     no = np.zeros(ATARI_ENVS, bool)

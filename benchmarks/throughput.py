@@ -8,7 +8,9 @@ a --baseline-rev with other defaults does the same work: 8 envs, batch 128 per r
 128x128), so ideal scaling from 1 to 2 ranks doubles global env steps/s at the same updates/s.
 
     .venv/bin/python benchmarks/throughput.py [--steps-per-rank 12000] [--repeats 3] [--quick]
-        [--baseline-rev REV]      # also run 1 and 2 ranks of commit REV (a git worktree), interleaved
+        [--baseline-rev REV]      # also run 1 and 2 ranks of commit REV (a git worktree), interleaved,
+                                  # and print this checkout's ratio to it per repeat
+        [--only-baseline]         # with --baseline-rev: just the 1- and 2-rank runs of both checkouts
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3,000 env steps per rank, 1 repeat")
     ap.add_argument("--baseline-rev", default="", help="a git revision to measure side by side (1 and 2 ranks)")
+    ap.add_argument("--only-baseline", action="store_true", help="with --baseline-rev: only 1 and 2 ranks of each")
     args = ap.parse_args()
     if args.quick:
         args.steps_per_rank, args.repeats = 3_000, 1
@@ -51,6 +54,8 @@ def main() -> None:
     variants: dict[str, tuple[int, dict[str, str], Optional[str]]] = {
         name: (np, env, None) for name, (np, env) in VARIANTS.items()
     }
+    if args.only_baseline:
+        variants = {k: v for k, v in variants.items() if k in ("1 rank", "2 ranks")}
     if args.baseline_rev:
         tree = worktree(args.baseline_rev)
         variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, tree)
@@ -60,7 +65,7 @@ def main() -> None:
         return [*WORK, "--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes", "0",
                 "--log-interval", str(steps)]  # fmt: skip
 
-    ceiling = (os.cpu_count() or 1) >= 2  # needs two cores to pin the two jobs on
+    ceiling = (os.cpu_count() or 1) >= 2 and not args.only_baseline  # needs two cores to pin the jobs on
     samples: dict[str, list[dict]] = {k: [] for k in [*variants, *([CEILING] if ceiling else [])]}
     for _ in range(args.repeats):
         for name, (np, env, checkout) in variants.items():
@@ -102,6 +107,16 @@ def main() -> None:
               "of the ceiling's global env steps/s, per repeat")  # fmt: skip
         results.append({"variant": "2 ranks / ceiling", "sps_ratio": statistics.median(of_ceiling),
                         "sps_ratios": of_ceiling})  # fmt: skip
+    if args.baseline_rev:
+        # This checkout against the baseline revision, per round (the two ran minutes apart at most).
+        for np in (1, 2):
+            label = "1 rank" if np == 1 else "2 ranks"
+            ours, theirs = samples[label], samples[f"{label} @ {args.baseline_rev}"]
+            r = [x["sps"] / b["sps"] for x, b in zip(ours, theirs)]
+            print(f"{label}: this checkout / {args.baseline_rev} = {statistics.median(r):.3f}x "
+                  f"({min(r):.3f}-{max(r):.3f}) env steps/s, per repeat")  # fmt: skip
+            results.append({"variant": f"{label} vs {args.baseline_rev}", "sps_ratio": statistics.median(r),
+                            "sps_ratios": r})  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": machine(), "args": vars(args), "results": results}, fh, indent=2)

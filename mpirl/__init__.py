@@ -1,7 +1,10 @@
 """mpirl: synchronous data-parallel deep Q-learning over MPI ranks with Horovod.
 
-from mpirl import Config, train
-summary = train(Config(env_id="CartPole-v1", seed=3))   # run under mpirun for N ranks
+from mpirl import Config, fit
+summary = fit(Config(env_id="CartPole-v1", seed=3))   # run under mpirun for N ranks
+
+``python -m mpirl.train`` is the command line; ``mpirl.fit`` is the Python API (named apart
+from the ``mpirl.train`` module, so that importing one never shadows the other).
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from typing import Any
 from mpirl.config import Config, ConfigError
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "Summary", "train", "__version__"]
+__all__ = ["Config", "ConfigError", "Summary", "fit", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # train pulls in torch and horovod; keep `import mpirl` (and config parsing) light.
-    if name in ("train", "Summary"):
-        from mpirl import trainer as _train_mod
+    # fit pulls in torch and horovod; keep `import mpirl` (and config parsing) light.
+    if name == "fit":
+        from mpirl.trainer import fit
 
-        return getattr(_train_mod, name)
+        return fit
+    if name == "Summary":
+        from mpirl.records import Summary
+
+        return Summary
     raise AttributeError(f"module 'mpirl' has no attribute {name!r}")

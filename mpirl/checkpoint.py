@@ -1,4 +1,4 @@
-"""Checkpoints in HDF5: the only module that imports h5py.
+"""Checkpoints in HDF5: with mpirl.shards (its replay streaming), the only code that knows h5py.
 
 One file holds a whole job at one step: online and target weights, optimizer state, every
 counter, the config, versions, and each rank's shard (replay arrays, RNG states, env state).
@@ -17,11 +17,13 @@ Layout (``schema_version`` 1; see README "Checkpoint layout"):
 
 Writes are atomic: rank 0 writes ``<name>.tmp``, fsyncs, renames, fsyncs the folder, then
 points ``latest`` at it the same way, so a crash at any moment leaves the previous checkpoint
-whole. Every rank LZF-compresses its own shard into HDF5 chunks and streams them to rank 0 in
-messages of about ``CHUNK_BYTES``, which rank 0 stores as they come (round-robin over the ranks):
-rank 0's memory does not grow with world size x buffer size, and compression runs in parallel.
+whole. Every rank's replay shard travels to rank 0 (and back on restore) in bounded,
+compressed chunks: see mpirl.shards.
 
 Loading uses pickle for the env state: load only checkpoints you trust.
+
+The header's fields are typed records (``mpirl.records``): ``CheckpointHeader`` and its
+``Counters`` are written here and read back by ``read_header`` as a ``StoredCheckpoint``.
 """
 
 from __future__ import annotations
@@ -37,16 +39,11 @@ import h5py
 import numpy as np
 import torch
 
-from mpirl import dist
-
-try:  # LZF in-process, so each rank compresses its own chunks (see _encoded_chunks)
-    import lzf as _lzf
-except ImportError:  # pragma: no cover - python-lzf is a dependency; stay readable without it
-    _lzf = None
+from mpirl import dist, fsutil, shards
+from mpirl.records import CheckpointHeader, Counters, StoredCheckpoint
 
 FORMAT = "mpirl-checkpoint"
 SCHEMA_VERSION = 1
-CHUNK_BYTES = 32 << 20  # shard streaming chunk; also bounds rank 0's extra memory
 SPACE_MARGIN = 256 << 10  # HDF5 metadata and chunk-index overhead beyond the raw bytes (+2%)
 LATEST = "latest"
 
@@ -65,43 +62,13 @@ class RankShard:
     env_state: bytes
 
 
-def versions() -> dict[str, str]:
-    import gymnasium
-
-    import mpirl
-
-    out = {"mpirl": mpirl.__version__, "torch": torch.__version__, "numpy": np.__version__,
-           "gymnasium": gymnasium.__version__, "h5py": h5py.__version__}  # fmt: skip
-    try:
-        import horovod
-
-        out["horovod"] = horovod.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+def library_versions() -> dict[str, str]:
+    """This module's own library version, for a checkpoint's ``versions`` attribute."""
+    return {"h5py": h5py.__version__}
 
 
 def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
-
-
-def _fsync(path: str) -> None:
-    """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
 
 
 def _write_module(group: h5py.Group, module: torch.nn.Module) -> None:
@@ -122,52 +89,29 @@ def _write_optimizer(group: h5py.Group, optimizer: Any) -> None:
                 g.attrs[key] = value
 
 
-def _chunk_rows(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """Rows per HDF5 chunk: about 1 MiB per chunk."""
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-    return int(max(1, min(max(shape[0], 1), (1 << 20) // row_bytes)))
-
-
 def _dataset_for(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
     if shape[0] == 0:
         return group.create_dataset(name, shape=shape, dtype=dtype)
-    chunks = (_chunk_rows(shape, dtype), *shape[1:])
+    chunks = (shards.chunk_rows(shape, dtype), *shape[1:])
     return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="lzf")
 
 
-def _encoded_chunks(arrays: dict[str, Any]) -> Iterator[list[tuple[str, int, int, bytes]]]:
-    """This rank's arrays as ready-to-store HDF5 chunks, LZF-compressed here (so every rank
-    compresses its own shard, in parallel), in messages of about CHUNK_BYTES raw bytes:
-    lists of (name, first_row, filter_mask, data). A chunk LZF cannot shrink is stored raw
-    with filter-mask bit 0 set, as HDF5's optional filters do; without python-lzf every chunk
-    is stored raw that way (readable by plain h5py either way)."""
-    batch: list[tuple[str, int, int, bytes]] = []
-    size = 0
-    for name, a in arrays.items():
-        n = len(a)
-        if n == 0:
-            continue
-        rows = _chunk_rows(tuple(a.shape), np.dtype(a.dtype))
-        for start in range(0, n, rows):
-            block = np.ascontiguousarray(a[start : start + rows])
-            if len(block) < rows:  # HDF5 stores whole chunks; the part past the extent is ignored
-                pad = np.zeros((rows - len(block), *block.shape[1:]), dtype=block.dtype)
-                block = np.concatenate([block, pad])
-            raw = block.tobytes()
-            packed = _lzf.compress(raw) if _lzf is not None else None
-            batch.append((name, start, 0, packed) if packed else (name, start, 1, raw))
-            size += len(raw)
-            if size >= CHUNK_BYTES:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+def bytes_needed(shard_bytes: int, param_bytes: int) -> int:
+    """Upper bound of one checkpoint's size on disk, before compression: every rank's shard
+    (replay arrays and env state, summed over ranks), two networks plus Adam's two moments
+    (4x the parameter bytes), 2% and a margin for HDF5's metadata and chunk index."""
+    return int((shard_bytes + 4 * param_bytes) * 1.02) + SPACE_MARGIN
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a network's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def save(
     run_dir: str,
     ctx: dist.DistContext,
-    header: dict[str, Any],
+    header: CheckpointHeader,
     online: torch.nn.Module,
     target: torch.nn.Module,
     optimizer: Any,
@@ -176,108 +120,133 @@ def save(
 ) -> tuple[Optional[str], str]:
     """Collective: write one checkpoint of the whole job; returns (path, "") on success or
     (None, error message) on failure, identical on every rank. The previous checkpoints
-    stay untouched on failure. ``header``: global JSON-able facts (counters, config, env)."""
+    stay untouched on failure."""
     folder = checkpoint_dir(run_dir)
-    name = f"step-{int(header['global_env_steps']):012d}.h5"
-    path = os.path.join(folder, name)
+    path = os.path.join(folder, f"step-{header.global_env_steps:012d}.h5")
     # Check the space first: HDF5 does not survive a write into a full disk (h5py can crash
     # on close after ENOSPC), so a checkpoint that may not fit is refused up front.
     local = sum(a.nbytes for a in shard.replay.values()) + len(shard.env_state)
-    need = int(dist.allreduce_sum(np.array([local]), name="mpirl.checkpoint.bytes")[0])  # HVD
-    need += sum(t.numel() * t.element_size() for t in online.state_dict().values()) * 4  # nets + Adam
-    need = int(need * 1.02) + SPACE_MARGIN
-    verdict = ""
-    if ctx.rank == 0:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            free = shutil.disk_usage(folder).free
-            if free < need:
-                verdict = (
-                    f"checkpoint {path}: not enough free space ({free / 2**20:,.1f} MiB free, "
-                    f"up to {need / 2**20:,.1f} MiB needed)"
-                )
-        except OSError as exc:
-            verdict = f"checkpoint {path}: {exc.strerror or exc}"
-    verdict = dist.broadcast_object(verdict, name="mpirl.checkpoint.go")  # HVD: go / no-go for all
-    if verdict:
-        return None, verdict
+    total = int(dist.allreduce_sum(np.array([local]), name="mpirl.checkpoint.bytes")[0])  # HVD: allreduce
+    need = bytes_needed(total, module_bytes(online))
+    try:
+        dist.rank0_decides(lambda: _check_space(path, need), name="mpirl.checkpoint.go", errors=CheckpointError)  # HVD
+    except CheckpointError as exc:
+        return None, str(exc)
     arrays = {**shard.replay, "env_state": _bytes_array(shard.env_state)}
     specs = [(k, tuple(a.shape), np.dtype(a.dtype).str) for k, a in arrays.items()]
-    metas = dist.gather_to_root((shard.meta, specs), name="mpirl.checkpoint.specs")  # MPI: gather (small)
+    metas = dist.gather_to_root((shard.meta, specs))  # MPI: gather (small)
+    if ctx.rank != 0:
+        shards.send_to_root(arrays)  # MPI: compressed chunks -> rank 0, one message in flight
+
+    def write() -> str:  # rank 0 only
+        nets = {"online": online, "target": target}
+        _write_as_root(path, ctx.size, header, nets, optimizer, metas, shards.encoded_chunks(arrays), keep)
+        return path
+
+    try:
+        return dist.rank0_decides(write, name="mpirl.checkpoint.status", errors=CheckpointError), ""  # HVD
+    except CheckpointError as exc:
+        return None, str(exc)
+
+
+def _check_space(path: str, need: int) -> None:
+    """Rank 0: create the checkpoint folder; CheckpointError unless ``need`` bytes are free."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc.strerror or exc}") from None
+    if free < need:
+        raise CheckpointError(
+            f"checkpoint {path}: not enough free space ({free / 2**20:,.1f} MiB free, "
+            f"up to {need / 2**20:,.1f} MiB needed)"
+        )
+
+
+def _write_as_root(
+    path: str,
+    world_size: int,
+    header: CheckpointHeader,
+    nets: dict[str, torch.nn.Module],
+    optimizer: Any,
+    metas: list[tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]],
+    own: Iterator[list[tuple[str, int, int, bytes]]],
+    keep: int,
+) -> None:
+    """Rank 0: write ``<path>.tmp`` with every rank's chunks as they arrive, then commit it
+    atomically. Raises CheckpointError, only after every rank's messages were received (a
+    sender is never left blocked), and never leaves the temporary file behind."""
+    tmp = path + ".tmp"
     error = ""
-    if ctx.rank == 0:
-        tmp = path + ".tmp"
-        f: Optional[h5py.File] = None
-        datasets: dict[tuple[int, str], h5py.Dataset] = {}
-        try:
-            f = h5py.File(tmp, "w")
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["world_size"] = ctx.size
-            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-            f.attrs["versions"] = json.dumps(versions())
-            for key in ("global_env_steps", "updates", "env_id"):
-                f.attrs[key] = header[key]
-            f.attrs["obs_shape"] = np.asarray(header["obs_shape"], dtype=np.int64)
-            f.attrs["n_actions"] = header["n_actions"]
-            f.attrs["config"] = json.dumps(header["config"])
-            f.attrs["counters"] = json.dumps(header["counters"])
-            _write_module(f.create_group("model/online"), online)
-            _write_module(f.create_group("model/target"), target)
-            _write_optimizer(f.create_group("optimizer"), optimizer)
-            for r, (meta, rank_specs) in enumerate(metas):
-                g = f.create_group(f"ranks/{r}")
-                g.attrs["meta"] = json.dumps(meta)
-                rg = g.create_group("replay")
-                for key, shape, dtype in rank_specs:
-                    datasets[(r, key)] = _dataset_for(g if key == "env_state" else rg, key, shape, np.dtype(dtype))
-        except Exception as exc:  # keep receiving below, or the other ranks would block forever
-            error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-        # Round-robin over the ranks, one message each in turn (rank 0's own included): every
-        # rank compresses its next message while rank 0 stores the others'.
-        own = _encoded_chunks(arrays)
-        active = list(range(ctx.size))
-        while active:
-            for r in list(active):
-                msg = next(own, None) if r == 0 else dist.recv_object(r)  # MPI: receive (p2p)
-                if msg is None:
-                    active.remove(r)
-                    continue
-                if error:
-                    continue  # drain, so no sender blocks
-                try:
-                    for key, start, mask, data in msg:
-                        ds = datasets[(r, key)]
-                        ds.id.write_direct_chunk((start,) + (0,) * (ds.ndim - 1), data, mask)
-                except Exception as exc:
-                    error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-        try:
-            if f is not None:
-                f.close()  # flushes: a full disk may only show here
-        except Exception as exc:
-            error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
+    f: Optional[h5py.File] = None
+    datasets: dict[tuple[int, str], h5py.Dataset] = {}
+    try:
+        f = h5py.File(tmp, "w")
+        datasets = _create_layout(f, world_size, header, nets, optimizer, metas)
+    except Exception as exc:  # keep receiving below, or the other ranks would block forever
+        error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
+    error = shards.receive_into(datasets, own, world_size, error, path)  # MPI: every rank's chunks
+    try:
+        if f is not None:
+            f.close()  # flushes: a full disk may only show here
         if not error:
-            try:
-                _fsync(tmp)
-                os.replace(tmp, path)
-                _fsync(folder)
-                _write_text_atomic(os.path.join(folder, LATEST), name + "\n")
-                _prune(folder, keep)
-            except Exception as exc:
-                error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-        if error and os.path.exists(tmp):
+            _commit(tmp, path, keep)
+    except Exception as exc:
+        error = error or f"checkpoint {path}: {type(exc).__name__}: {exc}"
+    if error:
+        if os.path.exists(tmp):
             try:
                 os.remove(tmp)  # never leave a half-written file behind
             except OSError:
                 pass
-    else:
-        for msg in _encoded_chunks(arrays):
-            dist.send_object(0, msg)  # MPI: compressed chunks -> rank 0 (blocks until received)
-        dist.send_object(0, None)
-    ok_path, err = dist.broadcast_object(  # HVD: everyone learns whether it worked
-        (path if not error else None, error), name="mpirl.checkpoint.status"
-    )
-    return ok_path, err
+        raise CheckpointError(error)
+
+
+def _create_layout(
+    f: h5py.File,
+    world_size: int,
+    header: CheckpointHeader,
+    nets: dict[str, torch.nn.Module],
+    optimizer: Any,
+    metas: list[tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]],
+) -> dict[tuple[int, str], h5py.Dataset]:
+    """Write the root attributes, networks and optimizer; create every rank's (empty) shard
+    datasets, returned by (rank, field)."""
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["world_size"] = world_size
+    f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    f.attrs["versions"] = json.dumps(header.versions)
+    f.attrs["global_env_steps"] = header.global_env_steps
+    f.attrs["updates"] = header.updates
+    f.attrs["env_id"] = header.env_id
+    f.attrs["obs_shape"] = np.asarray(header.obs_shape, dtype=np.int64)
+    f.attrs["n_actions"] = header.n_actions
+    f.attrs["config"] = json.dumps(header.config)
+    f.attrs["counters"] = json.dumps(header.counters.to_json())
+    for name, net in nets.items():
+        _write_module(f.create_group(f"model/{name}"), net)
+    _write_optimizer(f.create_group("optimizer"), optimizer)
+    datasets: dict[tuple[int, str], h5py.Dataset] = {}
+    for r, (meta, rank_specs) in enumerate(metas):
+        g = f.create_group(f"ranks/{r}")
+        g.attrs["meta"] = json.dumps(meta)
+        rg = g.create_group("replay")
+        for key, shape, dtype in rank_specs:
+            datasets[(r, key)] = _dataset_for(g if key == "env_state" else rg, key, shape, np.dtype(dtype))
+    return datasets
+
+
+def _commit(tmp: str, path: str, keep: int) -> None:
+    """Make a written temporary file the newest checkpoint: fsync, rename, fsync the folder,
+    point ``latest`` at it the same way, prune the oldest."""
+    folder = os.path.dirname(path)
+    fsutil.fsync(tmp)
+    os.replace(tmp, path)
+    fsutil.fsync(folder)
+    fsutil.write_text_atomic(os.path.join(folder, LATEST), os.path.basename(path) + "\n")
+    _prune(folder, keep)
 
 
 def _bytes_array(data: bytes) -> np.ndarray:
@@ -347,26 +316,40 @@ def open_checked(path: str) -> h5py.File:
 
 
 def summary(path: str) -> dict[str, Any]:
-    """A checkpoint's facts, for ``python -m mpirl.inspect``."""
+    """A checkpoint's facts, for ``python -m mpirl.inspect``: its header (as read by
+    ``read_header``) and, per rank, the saved replay's size and ring state."""
+    stored = read_header(path)
     with open_checked(path) as f:
-        out: dict[str, Any] = {k: _attr(f.attrs[k]) for k in f.attrs}
-        for key in ("config", "counters", "versions"):
-            out[key] = json.loads(out[key])
         shards = []
         for r in sorted(f["ranks"], key=int):
             g = f["ranks"][r]
             meta = json.loads(g.attrs["meta"])
             rep = g["replay"]
-            stored = sum(ds.id.get_storage_size() for ds in rep.values())
+            stored_bytes = sum(ds.id.get_storage_size() for ds in rep.values())
             raw = sum(ds.size * ds.dtype.itemsize for ds in rep.values())
             shards.append({"rank": int(r), "transitions": int(rep["actions"].shape[0]),
                            "fields": {k: [list(ds.shape), str(ds.dtype)] for k, ds in rep.items()},
-                           "raw_bytes": int(raw), "stored_bytes": int(stored),
+                           "raw_bytes": int(raw), "stored_bytes": int(stored_bytes),
                            "env_state_bytes": int(g["env_state"].shape[0]) if "env_state" in g else 0,
                            "replay_state": meta.get("replay", {})})  # fmt: skip
-        out["shards"] = shards
-        out["file_bytes"] = os.path.getsize(path)
-    return out
+        schema = int(f.attrs["schema_version"])
+    h = stored.header
+    return {
+        "path": path,
+        "file_bytes": os.path.getsize(path),
+        "schema_version": schema,
+        "created": stored.created,
+        "world_size": stored.world_size,
+        "global_env_steps": h.global_env_steps,
+        "updates": h.updates,
+        "env_id": h.env_id,
+        "obs_shape": h.obs_shape,
+        "n_actions": h.n_actions,
+        "versions": h.versions,
+        "config": h.config,
+        "counters": h.counters.to_json(),
+        "shards": shards,
+    }
 
 
 def _attr(v: Any) -> Any:
@@ -379,23 +362,34 @@ def _attr(v: Any) -> Any:
     return v
 
 
-def read_header(path: str) -> dict[str, Any]:
+def read_header(path: str) -> StoredCheckpoint:
     """Global facts of a checkpoint (small); CheckpointError if it is not a usable one."""
     with open_checked(path) as f:
-        return {
-            "path": path,
-            "world_size": int(f.attrs["world_size"]),
-            "global_env_steps": int(f.attrs["global_env_steps"]),
-            "updates": int(f.attrs["updates"]),
-            "env_id": str(_attr(f.attrs["env_id"])),
-            "obs_shape": [int(x) for x in f.attrs["obs_shape"]],
-            "n_actions": int(f.attrs["n_actions"]),
-            "config": json.loads(f.attrs["config"]),
-            "counters": json.loads(f.attrs["counters"]),
-            "versions": json.loads(f.attrs["versions"]),
-            "optimizer_has_state": len(f["optimizer/state"]) > 0,
-            "shard_rows": [int(f["ranks"][r]["replay"]["actions"].shape[0]) for r in sorted(f["ranks"], key=int)],
-        }
+        try:
+            return _read_header(path, f)
+        except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            raise CheckpointError(f"{path}: malformed header ({type(exc).__name__}: {exc})") from None
+
+
+def _read_header(path: str, f: h5py.File) -> StoredCheckpoint:
+    header = CheckpointHeader(
+        global_env_steps=int(f.attrs["global_env_steps"]),
+        updates=int(f.attrs["updates"]),
+        env_id=str(_attr(f.attrs["env_id"])),
+        obs_shape=[int(x) for x in f.attrs["obs_shape"]],
+        n_actions=int(f.attrs["n_actions"]),
+        config=json.loads(f.attrs["config"]),
+        counters=Counters.from_json(json.loads(f.attrs["counters"])),
+        versions=json.loads(f.attrs["versions"]),
+    )
+    return StoredCheckpoint(
+        path=path,
+        header=header,
+        world_size=int(f.attrs["world_size"]),
+        optimizer_has_state=len(f["optimizer/state"]) > 0,
+        shard_rows=[int(f["ranks"][r]["replay"]["actions"].shape[0]) for r in sorted(f["ranks"], key=int)],
+        created=str(_attr(f.attrs.get("created", ""))),
+    )
 
 
 def load_module(path: str, group: str, module: torch.nn.Module) -> None:
@@ -429,25 +423,6 @@ def load_optimizer(path: str, optimizer: Any) -> None:
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(g.attrs["param_groups"])})
 
 
-def shard_plan(old_rows: list[int], new_size: int) -> list[list[tuple[int, int, int]]]:
-    """Which rows of which old shard each new rank takes: a list per new rank of
-    (old_rank, start, stop) in slot-order rows. Same size: shard r -> rank r. Fewer new
-    ranks: old shard i -> new rank i % new_size. More: each old shard is split evenly among
-    the new ranks r' with r' % old_size == i."""
-    old_size = len(old_rows)
-    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(new_size)]
-    if new_size <= old_size:
-        for i, n in enumerate(old_rows):
-            plan[i % new_size].append((i, 0, n))
-        return plan
-    for i, n in enumerate(old_rows):
-        takers = [r for r in range(new_size) if r % old_size == i]
-        bounds = np.linspace(0, n, len(takers) + 1).astype(int)
-        for r, lo, hi in zip(takers, bounds[:-1], bounds[1:]):
-            plan[r].append((i, int(lo), int(hi)))
-    return plan
-
-
 def restore_shards(
     path: str,
     ctx: dist.DistContext,
@@ -456,63 +431,9 @@ def restore_shards(
     rows: Callable[[str, int, np.ndarray], None],
 ) -> None:
     """Collective over point-to-point messages: every rank receives its share of the saved
-    replay shards (see ``shard_plan``), chunk by chunk. ``begin(total_rows, metas)`` is called
-    first on each rank with the metas of the old shards it takes; then ``rows(field,
-    first_row, chunk)`` for each chunk (env_state is delivered as field 'env_state' when the
-    world size is unchanged). Rank 0 reads the file; others never touch it. Same messages as
-    ``save`` uses, the other way round: at most one of about CHUNK_BYTES in flight per rank."""
-    if ctx.rank == 0:
-        plan = shard_plan(old_rows, ctx.size)
-        same = len(old_rows) == ctx.size
-        with open_checked(path) as f:
-            for r in range(ctx.size):
-                messages = _shard_messages(f, plan[r], same)
-                if r == 0:
-                    _deliver(messages, begin, rows)
-                else:
-                    for msg in messages:
-                        dist.send_object(r, msg)  # MPI: header, then chunk batches
-                    dist.send_object(r, None)
-    else:
-        _deliver(iter(lambda: dist.recv_object(0), None), begin, rows)  # MPI: until None
-
-
-def _shard_messages(f: h5py.File, pieces: list[tuple[int, int, int]], same: bool) -> Iterator[Any]:
-    """Rank 0: a header ``(total_rows, metas)``, then batches of ``(field, first_row, rows)``
-    of about CHUNK_BYTES, read lazily from the file (rows of ``pieces``, numbered from 0)."""
-    metas = [json.loads(f["ranks"][str(i)].attrs["meta"]) for i, _, _ in pieces]
-    yield sum(hi - lo for _, lo, hi in pieces), metas
-    batch: list[tuple[str, int, np.ndarray]] = []
-    size, offset = 0, 0
-    for i, lo, hi in pieces:
-        g = f["ranks"][str(i)]
-        # A whole shard (same world size) is sent whole: fields may have other row counts
-        # than the transitions (a frame-stack replay's frame ring).
-        sources = [(k, ds, *((0, ds.shape[0]) if same else (lo, hi)), offset) for k, ds in g["replay"].items()]
-        if same and "env_state" in g:
-            sources.append(("env_state", g["env_state"], 0, g["env_state"].shape[0], 0))
-        for key, ds, a, b, base in sources:
-            row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-            step = max(1, CHUNK_BYTES // row_bytes)
-            for start in range(a, b, step):
-                chunk = ds[start : min(start + step, b)]
-                batch.append((key, base + start - a, chunk))
-                size += chunk.nbytes
-                if size >= CHUNK_BYTES:
-                    yield batch
-                    batch, size = [], 0
-        offset += hi - lo
-    if batch:
-        yield batch
-
-
-def _deliver(
-    messages: Iterator[Any],
-    begin: Callable[[int, list[dict[str, Any]]], None],
-    rows: Callable[[str, int, np.ndarray], None],
-) -> None:
-    total, metas = next(messages)
-    begin(total, metas)
-    for batch in messages:
-        for key, first_row, chunk in batch:
-            rows(key, first_row, chunk)
+    replay shards (``shards.restore``); rank 0 reads the file, the others never touch it."""
+    if ctx.rank != 0:
+        shards.restore(None, ctx, old_rows, begin, rows)  # MPI: receive from rank 0
+        return
+    with open_checked(path) as f:
+        shards.restore(f, ctx, old_rows, begin, rows)  # MPI: send each rank its share

@@ -159,6 +159,19 @@ class Config:
         d["hidden_sizes"] = list(self.hidden_sizes)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str) -> Config:
+        """A Config from ``to_dict()``'s form (a checkpoint's or config.json's), validated;
+        options this version does not know are ignored, missing ones take their defaults.
+        ConfigError naming ``source`` for a malformed value."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: the stored config is not a JSON object")
+        try:
+            values = {k: _coerce(k, v) for k, v in d.items() if k in cls.__dataclass_fields__}
+            return cls(**values).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: stored config: {exc}") from None
+
     # --- validation ------------------------------------------------------------------
     def validate(self) -> Config:
         """Raise ConfigError for any bad value or combination; return self."""

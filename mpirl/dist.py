@@ -3,6 +3,10 @@
 This is the only module that imports horovod or mpi4py. Every function that issues a
 collective says so in its docstring; every rank must call it, in the same order, with the
 same name. Tags ``# HVD:`` mark each collective so they can be audited at a glance.
+
+A process that never called ``init`` is a job of one rank: the collectives return their
+input (rank 0's value is its own), so the learner, the collector and the checkpoint code run
+in plain single-process unit tests without MPI.
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ def _env_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def _rank() -> int:
+    return 0 if _COMM is None else int(_COMM.Get_rank())
+
+
+def _alone() -> bool:
+    """True when there is nobody to communicate with (one rank, or init() never called)."""
+    return _COMM is None or _COMM.Get_size() == 1
 
 
 def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
@@ -117,10 +130,10 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
     step counts and 0/1 flags), so the whole state travels in a single allreduce: for DQN-sized
     networks the collective's latency, not its bytes, is what costs.
     """
+    if not tensors or _alone():
+        return
     import horovod.torch as hvd
 
-    if not tensors:
-        return
     dtype, device = tensors[0].dtype, tensors[0].device
     flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
     flat = hvd.allreduce(flat, op=hvd.Average, name=name)  # HVD: allreduce (one fused buffer)
@@ -134,6 +147,8 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
 
 def broadcast_model(model: torch.nn.Module) -> None:
     """Collective: every rank receives rank 0's parameters and buffers."""
+    if _alone():
+        return
     import horovod.torch as hvd
 
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # HVD: broadcast
@@ -145,6 +160,8 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
     Only call this when rank 0's optimizer has state (after a restore): on a fresh optimizer
     Horovod would run a zero-gradient step to create state, which offsets Adam's step count.
     """
+    if _alone():
+        return
     import horovod.torch as hvd
 
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # HVD: broadcast (several)
@@ -152,13 +169,38 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 def broadcast_object(obj: T, name: str) -> T:
     """Collective: rank 0's picklable ``obj`` on every rank. ``name`` is required (see README)."""
+    if _alone():
+        return obj
     import horovod.torch as hvd
 
     return hvd.broadcast_object(obj, root_rank=0, name=name)  # HVD: broadcast
 
 
+def rank0_decides(decide: Callable[[], T], name: str, errors: type[Exception]) -> T:
+    """Collective: rank 0 runs ``decide()``, every rank returns its value, or every rank raises
+    ``errors(message)`` alike when rank 0's call raised ``errors``.
+
+    For the checks only rank 0 can make (files it alone reads or writes): the other ranks wait
+    in the broadcast instead of going on alone, and a bad file becomes one agreed error on every
+    rank (exit 2), never one rank's exception while the others block in the next collective.
+    Any other exception on rank 0 propagates there only (and aborts the job, see run_or_abort).
+    """
+    result: tuple[Any, str] = (None, "")
+    if _rank() == 0:
+        try:
+            result = (decide(), "")
+        except errors as exc:
+            result = (None, str(exc))
+    value, err = broadcast_object(result, name=name)  # HVD: rank 0 decides, all learn it
+    if err:
+        raise errors(err)
+    return value
+
+
 def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
     """Collective: elementwise float64 sum over ranks of a small vector (metrics, votes)."""
+    if _alone():
+        return np.array(values, dtype=np.float64)
     import horovod.torch as hvd
 
     t = torch.as_tensor(np.asarray(values, dtype=np.float64))
@@ -167,6 +209,8 @@ def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
 
 def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     """Collective: (min, max) of a scalar over ranks; used to prove replicas are identical."""
+    if _alone():
+        return float(value), float(value)
     import horovod.torch as hvd
 
     t = torch.tensor([value, -value], dtype=torch.float64)
@@ -174,8 +218,10 @@ def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     return float(out[0]), float(-out[1])
 
 
-def gather_to_root(obj: Any, name: str) -> list[Any]:
+def gather_to_root(obj: Any) -> list[Any]:
     """Collective: rank 0 gets every rank's small picklable ``obj`` in rank order; others []."""
+    if _COMM is None:
+        return [obj]
     out = _COMM.gather(obj, root=0)  # MPI: gather on our communicator
     return list(out) if out is not None else []
 
@@ -188,6 +234,16 @@ def send_object(dest: int, obj: Any) -> None:
 def recv_object(source: int) -> Any:
     """Point-to-point: the next message ``send_object`` sent from ``source``."""
     return _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive
+
+
+def versions() -> dict[str, str]:
+    """Versions of the communication libraries in use, for checkpoints' provenance."""
+    try:
+        import horovod
+
+        return {"horovod": horovod.__version__}
+    except ImportError:  # pragma: no cover - horovod is a dependency
+        return {}
 
 
 def abort(code: int = 1) -> None:

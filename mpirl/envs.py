@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 
+from mpirl.config import Config
+
 
 class EnvError(ValueError):
     """An environment that cannot be used; the message is one line for the user."""
@@ -46,14 +48,22 @@ class AtariOptions:
 class EnvInfo:
     """What the model and replay need to know about an environment."""
 
-    env_id: str
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     n_actions: int
     reward_threshold: Optional[float]
-    max_episode_steps: Optional[int]
     frame_stack: int = 0  # K when observations are K stacked frames made by mpirl (Atari), else 0
     atari: bool = False  # an ALE game with mpirl's preprocessing
+
+
+def atari_options(cfg: Config) -> AtariOptions:
+    """The preprocessing a config asks for (applied to ALE games only)."""
+    return AtariOptions(frame_stack=cfg.frame_stack, noop_max=cfg.noop_max, sticky_actions=cfg.sticky_actions)
+
+
+def library_versions() -> dict[str, str]:
+    """The env library's version, for a checkpoint's provenance."""
+    return {"gymnasium": gym.__version__}
 
 
 def import_env_modules(modules: Sequence[str]) -> None:
@@ -131,12 +141,10 @@ def inspect_env(env_id: str, atari: AtariOptions = AtariOptions()) -> EnvInfo:
         dtype = np.dtype(np.uint8) if obs.dtype == np.uint8 else np.dtype(np.float32)
         spec = env.spec
         return EnvInfo(
-            env_id=env_id,
             obs_shape=tuple(int(s) for s in obs.shape),
             obs_dtype=dtype,
             n_actions=int(act.n),
             reward_threshold=None if spec is None else spec.reward_threshold,
-            max_episode_steps=None if spec is None else spec.max_episode_steps,
             frame_stack=atari.frame_stack if is_atari(env_id) else 0,
             atari=is_atari(env_id),
         )

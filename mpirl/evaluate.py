@@ -15,16 +15,20 @@ import numpy as np
 import torch
 
 from mpirl import checkpoint, envs, model
+from mpirl.config import Config, ConfigError
+from mpirl.records import StoredCheckpoint
 
 
-def load_policy(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The online Q-network of a checkpoint, ready for greedy play, and its header."""
-    header = checkpoint.read_header(path)
-    cfg = header["config"]
-    envs.import_env_modules([m for m in str(cfg.get("env_module", "")).split(",") if m.strip()])
-    net = model.build(header["obs_shape"], header["n_actions"], tuple(cfg["hidden_sizes"]), bool(cfg["dueling"]))
+def load_policy(path: str, device: str = "cpu") -> tuple[torch.nn.Module, StoredCheckpoint, Config]:
+    """The online Q-network of a checkpoint, ready for greedy play, its header and its run's
+    options. Nothing stored in the file decides what gets imported: environments of user
+    modules need ``--env-module``, the user's own flag."""
+    stored = checkpoint.read_header(path)
+    cfg = Config.from_dict(stored.header.config, source=path)
+    h = stored.header
+    net = model.build(tuple(h.obs_shape), h.n_actions, cfg.hidden_sizes, cfg.dueling)
     checkpoint.load_module(path, "online", net)
-    return net.to(device).eval(), header
+    return net.to(device).eval(), stored, cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -34,15 +38,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=10_000, help="seed of the first episode (default: 10000)")
     ap.add_argument("--video", default="", help="record every episode as MP4 into this folder (needs moviepy)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ap.add_argument(
+        "--env-module", default="", help="comma-separated modules to import first, which register your environments"
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     if args.episodes <= 0:
         print("mpirl.evaluate: error: --episodes must be positive", file=sys.stderr)
         return 2
     try:
+        envs.import_env_modules([m.strip() for m in args.env_module.split(",") if m.strip()])
         path = checkpoint.resolve(args.path)
-        net, header = load_policy(path, args.device)
-    except (checkpoint.CheckpointError, envs.EnvError) as exc:
+        net, stored, cfg = load_policy(path, args.device)
+    except (checkpoint.CheckpointError, envs.EnvError, ConfigError) as exc:
         print(f"mpirl.evaluate: error: {exc}", file=sys.stderr)
         return 2
 
@@ -51,22 +59,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return net(torch.as_tensor(obs, device=args.device)).argmax(dim=1).cpu().numpy()
 
     seeds = list(range(args.seed, args.seed + args.episodes))
-    cfg = header["config"]
-    atari = envs.AtariOptions(frame_stack=int(cfg.get("frame_stack", 4)), noop_max=int(cfg.get("noop_max", 30)),
-                              sticky_actions=float(cfg.get("sticky_actions", 0.25)))  # fmt: skip
-    if args.video:
-        returns = _play_recorded(header["env_id"], atari, greedy, seeds, args.video)
-    else:
-        returns = envs.evaluate(greedy, header["env_id"], seeds, atari=atari)
+    env_id, atari = stored.header.env_id, envs.atari_options(cfg)
+    try:
+        if args.video:
+            returns = _play_recorded(env_id, atari, greedy, seeds, args.video)
+        else:
+            returns = envs.evaluate(greedy, env_id, seeds, atari=atari)
+    except envs.EnvError as exc:
+        hint = f" (it was trained with --env-module {cfg.env_module})" if cfg.env_module else ""
+        print(f"mpirl.evaluate: error: {exc}{hint}", file=sys.stderr)
+        return 2
     r = np.asarray(returns)
-    result = {"checkpoint": path, "env_id": header["env_id"], "global_env_steps": header["global_env_steps"],
+    steps = stored.header.global_env_steps
+    result = {"checkpoint": path, "env_id": env_id, "global_env_steps": steps,
               "episodes": len(r), "mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()),
               "max": float(r.max()), "returns": r.tolist()}  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{header['env_id']} @ {header['global_env_steps']:,} env steps: greedy return {r.mean():.1f} "
+            f"{env_id} @ {steps:,} env steps: greedy return {r.mean():.1f} "
             f"± {r.std():.1f} (min {r.min():.1f}, max {r.max():.1f}) over {len(r)} episodes"
         )
     return 0

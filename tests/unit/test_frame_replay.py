@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mpirl.replay import FrameStackReplay, NStepAccumulator, PrioritizedReplayBuffer, ReplayBuffer
+from mpirl.frame_replay import FrameStackReplay
+from mpirl.replay import NStepAccumulator, PrioritizedReplayBuffer, ReplayBuffer
 
 K, H, W = 4, 6, 5
 

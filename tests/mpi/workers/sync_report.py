@@ -1,7 +1,7 @@
 """Worker (run on every rank): train with local SGD and record the replicas around every update.
 
 Usage: python -m mpi4py sync_report.py OUT_DIR '{"sync_every": 4, ...}'
-Writes OUT_DIR/rank<R>.json with, per update() call, this rank's online weights afterwards
+Writes OUT_DIR/rank<R>.json with, per update (Learner.finish() call), this rank's online weights afterwards
 and the window position (0: the call ended with an averaging); per averaging, the weights
 before and after it and the window length; and at the end, hashes of the networks and of the
 Adam state, plus the summary.
@@ -15,8 +15,8 @@ from dataclasses import asdict
 
 import torch
 
-from mpirl import Config, train
-from mpirl import trainer as trainer_mod
+from mpirl import Config, fit
+from mpirl.learner import Learner
 
 
 def flat(module: torch.nn.Module) -> list[float]:
@@ -34,9 +34,9 @@ def main() -> None:
     out_dir, overrides = sys.argv[1], json.loads(sys.argv[2])
     if "hidden_sizes" in overrides:
         overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
-    agent_cls = trainer_mod.Agent
+    agent_cls = Learner
     captured: dict = {"updates": [], "syncs": []}
-    original_init, original_update, original_sync = agent_cls.__init__, agent_cls.update, agent_cls.sync_replicas
+    original_init, original_update, original_sync = agent_cls.__init__, agent_cls.finish, agent_cls.sync_replicas
 
     def init(self, *a, **k):
         original_init(self, *a, **k)
@@ -55,8 +55,8 @@ def main() -> None:
         if self.local_sgd and window:  # an averaging happened (else a no-op)
             captured["syncs"].append({"window": window, "before": before, "after": flat(self.online)})
 
-    agent_cls.__init__, agent_cls.update, agent_cls.sync_replicas = init, update, sync
-    summary = train(Config(**overrides))
+    agent_cls.__init__, agent_cls.finish, agent_cls.sync_replicas = init, update, sync
+    summary = fit(Config(**overrides))
     agent = captured["agent"]
     states = [agent.optimizer.state[p] for p in agent.online.parameters()]
     report = {

@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 import torch
 
-from mpirl import Config, dist, train
-from mpirl import trainer as trainer_mod
+from mpirl import Config, dist, fit
+from mpirl.learner import Learner
 
 
 def params_sha256(module: torch.nn.Module) -> str:
@@ -30,14 +30,14 @@ def main() -> None:
     if "hidden_sizes" in overrides:
         overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
     captured = {}
-    original = trainer_mod.Agent.__init__
+    original = Learner.__init__
 
-    def spy(self, *a, **k):  # keep a handle on the agent to hash its networks afterwards
+    def spy(self, *a, **k):  # keep a handle on the learner to hash its networks afterwards
         original(self, *a, **k)
         captured["agent"] = self
 
-    trainer_mod.Agent.__init__ = spy
-    summary = train(Config(**overrides))
+    Learner.__init__ = spy
+    summary = fit(Config(**overrides))
     agent = captured["agent"]
     lo, hi = dist.allreduce_min_max(summary.param_checksum, name="test.checksum")
     report = {

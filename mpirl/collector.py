@@ -1,0 +1,210 @@
+"""The collector of one rank: its env shard, ε-greedy acting, n-step assembly into its own
+replay, episode statistics, and its state for checkpoints. It never sends data: experience
+stays on the rank that collected it (a checkpoint streams the replay to rank 0 through
+``mpirl.checkpoint``, driven by the trainer).
+
+Per vector step (``step``): ε-greedy actions for the whole shard from this rank's own
+``np.random.Generator`` (one forward pass of the greedy policy, skipped when every env
+explores; the RNG draws are the same either way), one env step, the episode bookkeeping of
+gymnasium's next-step autoreset (``envs.EpisodeTracker``: the step after an episode's end is
+a reset, not a transition), optional reward clipping and life-loss terminals (training only:
+episode returns stay game scores), then the n-step transitions that step completed go into
+the replay.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from mpirl import envs, frame_replay, replay
+from mpirl.config import Config
+
+GreedyPolicy = Callable[[np.ndarray], np.ndarray]  # observations (E, *obs_shape) -> actions (E,)
+
+
+@dataclass
+class EpisodeStats:
+    """Episodes this rank finished: a cumulative count, and sums over the current progress
+    window (since the trainer last took them for a progress line). Per rank, not global."""
+
+    episodes: int = 0  # finished on this rank since the run started (resumes with the run)
+    window_return_sum: float = 0.0  # game scores
+    window_length_sum: float = 0.0  # env steps
+    window_episodes: int = 0
+
+    def add(self, returns: list[float], lengths: list[int]) -> None:
+        self.episodes += len(returns)
+        self.window_return_sum += sum(returns)
+        self.window_length_sum += sum(lengths)
+        self.window_episodes += len(returns)
+
+    def take_window(self) -> tuple[float, float, float]:
+        """(return sum, length sum, episodes) of the window, which starts anew."""
+        out = (self.window_return_sum, self.window_length_sum, float(self.window_episodes))
+        self.window_return_sum = self.window_length_sum = 0.0
+        self.window_episodes = 0
+        return out
+
+    def to_meta(self) -> list[float]:
+        """Checkpoint schema 1's ``win``: the window's sums, then the loss window's sum and count,
+        which are always 0 here (the trainer flushes losses into each progress line)."""
+        return [self.window_return_sum, self.window_length_sum, float(self.window_episodes), 0.0, 0.0]
+
+    @classmethod
+    def from_meta(cls, episodes: int, win: list[float]) -> EpisodeStats:
+        return cls(int(episodes), float(win[0]), float(win[1]), int(win[2]))
+
+
+@dataclass
+class CollectorState:
+    """A collector's part of a checkpoint: small JSON-able facts, replay arrays, env state."""
+
+    replay_state: dict[str, Any]  # ring position, size, (PER: max priority)
+    numpy_rng: Mapping[str, Any]  # bit generator state
+    stats: EpisodeStats
+    replay_arrays: dict[str, np.ndarray]  # empty when checkpoint_replay is off
+    env_state: bytes  # empty when the envs could not be captured
+
+
+class Collector:
+    """One rank's env shard, replay buffer, n-step accumulator and RNG."""
+
+    def __init__(self, cfg: Config, info: envs.EnvInfo, rank: int) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.n_actions = info.n_actions
+        E = cfg.num_envs_per_rank
+        self.vec = envs.make_vector(cfg.env_id, E, envs.atari_options(cfg))
+        self.rng = np.random.default_rng([cfg.seed, rank])  # own generator; no global RNG relied on
+        # Frame stacks are stored as references to single frames (see frame_replay.FrameStackReplay).
+        K = info.frame_stack
+        shape, dtype = ((K,), np.dtype(np.int64)) if K else (info.obs_shape, info.obs_dtype)
+        if cfg.prioritized:
+            inner: replay.ReplayBuffer = replay.PrioritizedReplayBuffer(
+                cfg.buffer_size_per_rank, shape, dtype, cfg.gamma, cfg.per_alpha, cfg.per_eps
+            )
+        else:
+            inner = replay.ReplayBuffer(cfg.buffer_size_per_rank, shape, dtype, cfg.gamma)
+        self.frames: Optional[frame_replay.FrameStackReplay] = (
+            frame_replay.FrameStackReplay(inner, info.obs_shape[1:], E, cfg.n_step) if K else None
+        )
+        self.replay: replay.Replay = inner if self.frames is None else self.frames
+        self.clip_rewards = cfg.clip_rewards == "on" or (cfg.clip_rewards == "auto" and info.atari)
+        self.life_loss = cfg.terminal_on_life_loss
+        self._reset(envs.shard_seeds(cfg.seed, rank, E))
+        self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
+        self.tracker = envs.EpisodeTracker(E)
+        self.stats = EpisodeStats()
+        self._import: dict[str, Any] = {}
+
+    def _reset(self, seeds: list[int]) -> None:
+        obs, infos = self.vec.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env
+        self.obs = obs  # what the network sees: (E, *obs_shape)
+        self.keys = self._encode(obs)  # what transitions store: obs, or frame references
+        self.lives = np.asarray(infos.get("lives", np.zeros(len(obs))))
+
+    def _encode(self, obs: np.ndarray) -> np.ndarray:
+        return self.frames.encode_obs(obs) if self.frames is not None else obs
+
+    @property
+    def frame_stacked(self) -> bool:
+        """Does the replay hold frame references (which cannot move between shards)?"""
+        return self.frames is not None
+
+    def act(self, greedy: GreedyPolicy, epsilon: float) -> np.ndarray:
+        """ε-greedy actions for the whole shard, the greedy ones in one batched forward pass."""
+        n = len(self.obs)
+        explore = self.rng.random(n) < epsilon
+        random_actions = self.rng.integers(0, self.n_actions, size=n)
+        if explore.all():  # skip the forward pass; same RNG draws either way
+            return random_actions
+        return np.where(explore, random_actions, greedy(self.obs))
+
+    def step(self, greedy: GreedyPolicy, epsilon: float) -> None:
+        """One vector step of this rank's shard; stores the n-step transitions it completes."""
+        actions = self.act(greedy, epsilon)
+        next_obs, rewards, terminated, truncated, infos = self.vec.step(actions)
+        valid, fin_r, fin_l = self.tracker.step(rewards, terminated, truncated)  # game scores
+        ends = terminated
+        if self.life_loss and "lives" in infos:
+            lives = np.asarray(infos["lives"])
+            ends = terminated | (valid & (lives < self.lives))  # ends the return, not the game
+            self.lives = lives
+        next_keys = self._encode(next_obs)
+        stored = np.sign(rewards) if self.clip_rewards else rewards
+        ready = self.nstep.push(self.keys, actions, stored, next_keys, ends, truncated, valid)
+        if ready is not None:
+            self.replay.add(ready)
+        if fin_r:
+            self.stats.add(fin_r, fin_l)
+        self.obs, self.keys = next_obs, next_keys
+
+    def close(self) -> None:
+        self.vec.close()
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state(self) -> CollectorState:
+        """This collector's part of a checkpoint (the replay arrays only with checkpoint_replay)."""
+        vec_state = envs.vector_state(self.vec)
+        env_blob = b""
+        if vec_state is not None:
+            env_blob = pickle.dumps(
+                {
+                    "vec": vec_state,
+                    "obs": self.obs,
+                    "keys": self.keys,
+                    "lives": self.lives,
+                    "tracker": self.tracker,
+                    "nstep": self.nstep.state(),
+                }
+            )
+        arrays = self.replay.export_arrays() if self.cfg.checkpoint_replay else {}
+        return CollectorState(self.replay.state(), self.rng.bit_generator.state, self.stats, arrays, env_blob)
+
+    def begin_restore(self, total_rows: int, metas: list[dict[str, Any]]) -> None:
+        """Restore, first call: ``total_rows`` replay rows will arrive, from the shards of ``metas``."""
+        self._import = {"metas": metas, "total": total_rows, "env": bytearray()}
+        self.replay.begin_import(total_rows)
+
+    def restore_rows(self, name: str, first: int, chunk: np.ndarray) -> None:
+        """Restore: one chunk of a replay field (or of the pickled env state, 'env_state')."""
+        if name == "env_state":
+            self._import["env"] += chunk.tobytes()
+        else:
+            self.replay.import_rows(name, first, chunk)
+
+    def end_restore(self, same_world: bool, global_steps: int) -> tuple[str, Optional[dict[str, Any]]]:
+        """Restore, last call. At the same world size this rank took its own shard back: its RNG,
+        statistics and (when saved) env states resume exactly. Otherwise, or without saved env
+        states, the envs and RNG start fresh, seeded apart from the first run's by the step
+        count. Returns a note for the log and the taken shard's meta (None if not the same
+        world size), whose remaining fields (torch RNG) the caller restores."""
+        got, self._import = self._import, {}
+        metas = got["metas"]
+        self.replay.end_import(got["total"], metas[0]["replay"] if same_world and metas else None)
+        meta = metas[0] if same_world and metas else None
+        if meta is not None:
+            self.rng.bit_generator.state = meta["numpy_rng"]
+            self.stats = EpisodeStats.from_meta(meta["episodes"], meta["win"])
+            if got["env"]:
+                blob = pickle.loads(bytes(got["env"]))
+                envs.restore_vector_state(self.vec, blob["vec"])
+                self.obs, self.keys, self.lives, self.tracker = (
+                    blob["obs"],
+                    blob["keys"],
+                    blob["lives"],
+                    blob["tracker"],
+                )
+                self.nstep.set_state(blob["nstep"])
+                return "exact resume: replay, RNG and env states restored", meta
+        cfg, E = self.cfg, self.cfg.num_envs_per_rank
+        self.rng = np.random.default_rng([cfg.seed, self.rank, global_steps])
+        self._reset(envs.shard_seeds(cfg.seed + global_steps, self.rank, E))
+        self.tracker = envs.EpisodeTracker(E)
+        self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
+        if same_world:
+            return "env states were not saved (not picklable): env shards restart; replay and weights restored", meta
+        return "", None
