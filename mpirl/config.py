@@ -115,6 +115,12 @@ class Config:
         "always); K > 1 is local SGD: each rank applies its own gradients and every K-th update the "
         "ranks average their weights and Adam moments (fewer collectives, replicas differ in between)",
     )
+    backend: str = _opt(
+        "auto",
+        "collectives: horovod (ring-allreduce over MPI/NCCL), torch (torch.distributed: NCCL for CUDA, Gloo for "
+        "CPU; gloo or nccl force one), or auto (Horovod where it can serve the device, else torch)",
+        choices=("auto", "horovod", "torch", "gloo", "nccl"),
+    )
     device: str = _opt(
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
@@ -140,6 +146,9 @@ class Config:
     log_interval: int = _opt(10_000, "global env steps between progress lines")
     tensorboard: bool = _opt(True, "also write TensorBoard scalars when tensorboard is installed")
     overwrite: bool = _opt(False, "allow writing into a run directory that already holds a run")
+    dry_run: bool = _opt(
+        False, "start the job's communication, print each rank's device, backend and collective library, then exit"
+    )
 
     # --- derived values (never stored) -----------------------------------------------
     def lr_for(self, world_size: int) -> float:

@@ -1,28 +1,44 @@
-"""Everything MPI: Horovod init, device pinning, optimizer wrapping, broadcasts, reductions, abort.
+"""Everything distributed: launch, backend choice, device pinning, gradient averaging,
+broadcasts, reductions, "rank 0 decides" agreement, point-to-point streaming and abort.
 
-This is the only module that imports horovod or mpi4py. Every function that issues a
-collective says so in its docstring; every rank must call it, in the same order, with the
-same name. Tags ``# HVD:`` mark each collective so they can be audited at a glance.
+The only module that talks to MPI, Horovod or torch.distributed (through its two backends,
+``dist_horovod`` and ``dist_torch``, which nothing else imports). Every function that issues
+a collective says so in its docstring; every rank must call it, in the same order, with the
+same name. Call sites are tagged ``# HVD:`` (a collective, through whichever backend runs)
+or ``# MPI:`` (point-to-point), so they can be audited at a glance.
 
-A process that never called ``init`` is a job of one rank: the collectives return their
-input (rank 0's value is its own), so the learner, the collector and the checkpoint code run
-in plain single-process unit tests without MPI.
+Backends (``--backend``):
+
+- ``horovod``: Horovod's ring-allreduce over MPI (NCCL for CUDA tensors where Horovod was
+  built with it), DistributedOptimizer's grouped gradient allreduce;
+- ``torch``: torch.distributed, NCCL for CUDA tensors and Gloo for CPU tensors (``gloo`` or
+  ``nccl`` force one), rendezvous through MPI under mpirun/srun, or torchrun's environment;
+- ``auto``: Horovod where it can serve the device (CPU; CUDA when built with GPU operations),
+  else torch.distributed, and the start-up line says which and why.
+
+A process that never called ``init`` (or a job of one rank) is a world of one: collectives
+return their input and nothing is initialised, so the learner, the collector and the
+checkpoint code run in single-process unit tests and on machines without MPI.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 T = TypeVar("T")
-_COMM: Any = None  # mpi4py communicator for shard streaming, created by init()
-_SHARD_TAG = 4242
+BACKENDS = ("auto", "horovod", "torch", "gloo", "nccl")
+
+
+class DistError(ValueError):
+    """A launch, backend or device choice that cannot work; one line for the user (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -34,91 +50,200 @@ class DistContext:
     local_rank: int  # rank on this node
     local_size: int  # ranks on this node
     device: torch.device
+    backend: str = "none"  # horovod, torch, or none (a world of one)
+    library: str = ""  # the collective library, e.g. "torch.distributed gloo (2.13.0)"
+    note: str = ""  # why auto chose this backend, when it is worth a log line
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher announced in the environment, before anything is initialised."""
+
+    launcher: str  # "mpi" (mpirun, srun, ...), "torchrun" or "none" (a plain process)
+    world_size: int
+    local_size: int  # ranks on this node (the world size where the launcher does not say)
+
+
+class GradientSync(Protocol):
+    """Gradient averaging for one optimizer: ``start`` after an update's last backward pass,
+    ``wait`` until ``.grad`` holds the average over ranks, ``step`` to apply it."""
+
+    optimizer: Any  # what to step, zero, checkpoint and restore
+
+    def start(self) -> None: ...
+    def wait(self) -> None: ...
+    def step(self) -> None: ...
+
+
+_B: Any = None  # the backend of this job (None: a world of one)
+_CTX: Optional[DistContext] = None
+
+
+def _first_int(names: Sequence[str]) -> Optional[int]:
+    for var in names:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
 
 
 def _env_world_size() -> int:
-    """World size as the launcher announced it, before MPI is initialised (1 if none)."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+    """World size as an MPI launcher announced it, before MPI is initialised (1 if none)."""
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script's own shell has the latter too.
+    found = _first_int(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE"))
+    return found or 1
 
 
 def _env_rank() -> int:
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    names = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK", "RANK")
+    return _first_int(names) or 0
 
 
-def _rank() -> int:
-    return 0 if _COMM is None else int(_COMM.Get_rank())
+def launch_info() -> Launch:
+    """The launcher of this process, from its environment (no MPI call)."""
+    n = _env_world_size()
+    if n > 1:
+        local = _first_int(
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
+        )
+        return Launch("mpi", n, min(local or n, n))
+    if os.environ.get("WORLD_SIZE", "").isdigit() and int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" in os.environ:
+        n = int(os.environ["WORLD_SIZE"])
+        return Launch("torchrun", n, int(os.environ.get("LOCAL_WORLD_SIZE", n)))
+    return Launch("none", 1, 1)
+
+
+def cores_per_rank(local_size: int) -> int:
+    """Cores this rank may use: its affinity mask when the launcher bound it to part of the
+    node (mpirun --bind-to core, SLURM's cpusets), else the node's cores over its ranks."""
+    node = os.cpu_count() or 1
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    return max(1, mine if mine < node else mine // max(local_size, 1))
+
+
+def _choose_mpi_wait_mode(launch: Launch) -> None:
+    """Let MPI yield the core while it waits when a rank has a single core to itself.
+
+    Open MPI busy-polls by default; a rank's waiting main thread (and Horovod's background
+    thread) then fights the thread doing the work for the one core, which halved training
+    speed at 2 ranks on 2 cores (README, BENCHMARKS.md: launch/mpirun.sh set it, the plain
+    mpirun line did not). It must be set before MPI starts, which is here: ``python -m mpi4py``
+    (4.x) initialises MPI only when mpirl imports it. A user's own setting wins."""
+    if launch.launcher == "mpi" and cores_per_rank(launch.local_size) < 2:
+        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+
+
+def _want_cuda(device: str) -> bool:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistError("--device cuda asked for, but torch sees no CUDA device (a CPU-only torch build?)")
+    return device in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def _choose_backend(backend: str, cuda: bool, launch: Launch) -> tuple[str, str, str]:
+    """(backend, tensor library, note) for ``--backend``; DistError where it cannot work.
+    Every rank decides alike: the same installation, options and launcher everywhere."""
+    from mpirl import dist_horovod
+
+    if backend not in BACKENDS:
+        raise DistError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    torch_library = "nccl" if cuda else "gloo"
+    if backend in ("gloo", "nccl"):
+        if backend == "nccl" and not cuda:
+            raise DistError("--backend nccl needs CUDA tensors; on the CPU use --backend gloo (or torch)")
+        return "torch", backend, ""
+    if backend == "torch":
+        return "torch", torch_library, ""
+    have_hvd = launch.launcher != "torchrun" and dist_horovod.importable()
+    if backend == "horovod":
+        if launch.launcher == "torchrun":
+            raise DistError("--backend horovod needs an MPI launcher (mpirun, srun), not torchrun")
+        if not have_hvd:
+            raise DistError("--backend horovod: Horovod is not installed (launch/install.sh builds it)")
+        if cuda and not dist_horovod.gpu_operations():
+            raise DistError(
+                "--backend horovod on CUDA: this Horovod was built without GPU operations (no nvcc at build "
+                "time); use --backend torch (NCCL), or rebuild with HOROVOD_GPU_OPERATIONS=NCCL launch/install.sh"
+            )
+        return "horovod", "horovod", ""
+    # auto
+    if have_hvd and (not cuda or dist_horovod.gpu_operations()):
+        return "horovod", "horovod", ""
+    why = "Horovod was built without GPU operations" if have_hvd else "Horovod is not available"
+    return "torch", torch_library, f"backend auto: {why}, so collectives go through torch.distributed {torch_library}"
+
+
+def init(device: str = "auto", torch_threads: int = 0, backend: str = "auto") -> DistContext:
+    """Start the job's communication (idempotent), pin the device and the torch thread count.
+
+    ``device``: auto -> cuda:local_rank when CUDA is available, else cpu. ``torch_threads``:
+    0 -> ``cores_per_rank`` (so N ranks do not oversubscribe the cores). ``backend``: see the
+    module docstring. DistError (the same on every rank) for what cannot work.
+    """
+    global _B, _CTX
+    if _CTX is not None:
+        return _CTX
+    launch = launch_info()
+    _choose_mpi_wait_mode(launch)
+    cuda = _want_cuda(device)
+    kind, library, note = _choose_backend(backend, cuda, launch)
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+    if launch.world_size > 1:
+        if kind == "horovod":
+            from mpirl.dist_horovod import HorovodBackend
+
+            _B = HorovodBackend(several_ranks=True, device=torch.device("cuda" if cuda else "cpu"))
+        else:
+            from mpirl.dist_torch import TorchBackend
+
+            _B = TorchBackend(launch.launcher, library)
+        rank, size, local_rank, local_size = _B.rank, _B.size, _B.local_rank, _B.local_size
+    dev = torch.device("cpu")
+    if cuda:
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        dev = torch.device("cuda", gpu)
+    if _B is not None and library in ("nccl", "horovod") and cuda:
+        _refuse_shared_gpus(dev, library)  # HVD: an allgather of the GPUs in use
+    torch.set_num_threads(torch_threads if torch_threads > 0 else cores_per_rank(local_size))
+    _CTX = DistContext(rank, size, local_rank, local_size, dev, kind if _B is not None else "none",
+                       _B.library if _B is not None else "", note if _B is not None else "")  # fmt: skip
+    return _CTX
+
+
+def _refuse_shared_gpus(dev: torch.device, library: str) -> None:
+    """Collective: NCCL cannot put two ranks on one GPU; refuse it at start, on every rank alike
+    (per-rank CUDA_VISIBLE_DEVICES, as SLURM's --gpus-per-task sets it, is honoured)."""
+    try:
+        gpu_id = str(torch.cuda.get_device_properties(dev).uuid)
+    except (AttributeError, RuntimeError):
+        gpu_id = f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}:{dev.index}"
+    everyone = _B.allgather_object((socket.gethostname(), gpu_id))  # HVD: allgather (small)
+    if len(set(everyone)) < len(everyone):
+        raise DistError(
+            f"{len(everyone)} ranks share {len(set(everyone))} GPU(s): {library} cannot put two ranks on one GPU; "
+            "start one rank per GPU, or use --backend gloo (slower, allows sharing)"
+        )
 
 
 def _alone() -> bool:
     """True when there is nobody to communicate with (one rank, or init() never called)."""
-    return _COMM is None or _COMM.Get_size() == 1
+    return _B is None or _B.size == 1
 
 
-def init(device: str = "auto", torch_threads: int = 0) -> DistContext:
-    """Initialise MPI and Horovod (idempotent), pin the device and the torch thread count.
-
-    ``device``: auto -> cuda:local_rank when CUDA is available, else cpu. ``torch_threads``:
-    0 -> usable cores on this node divided by ranks on this node (at least 1), so N ranks
-    do not oversubscribe the cores.
-    """
-    # Importing mpi4py initialises MPI with MPI_THREAD_MULTIPLE, which Horovod's background
-    # thread needs; hvd.init() below then reuses that MPI.
-    import horovod.torch as hvd
-    from mpi4py import MPI
-
-    if _env_world_size() > 1:
-        # DQN sends a small gradient (~0.3 MB) every update, so allreduce latency is what counts.
-        # Horovod's default 1 ms cycle put a ~1.1 ms floor under every allreduce (raw MPI: 60 us
-        # at 256 KiB); 0.05 ms took 2 ranks from ~2,100 to ~3,100 env steps/s here, while it
-        # slowed a single rank down, hence only with several (benchmarks/allreduce.py,
-        # throughput.py). A user's own HOROVOD_CYCLE_TIME wins.
-        os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
-    hvd.init()  # HVD: init (collective over the world communicator)
-    global _COMM
-    if _COMM is None:
-        # Our own communicator for point-to-point shard streaming, apart from Horovod's.
-        _COMM = MPI.COMM_WORLD.Dup()  # MPI: collective
-    rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        gpu = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(gpu)
-        dev = torch.device("cuda", gpu)
-    else:
-        dev = torch.device("cpu")
-    if torch_threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        # Affinity may already be a per-rank binding (mpirun --bind-to core): then use it all.
-        per_rank = cores if cores < (os.cpu_count() or cores) else cores // max(local_size, 1)
-        torch_threads = max(1, per_rank)
-    torch.set_num_threads(torch_threads)
-    return DistContext(rank, size, local_rank, local_size, dev)
+def _rank() -> int:
+    return 0 if _B is None else int(_B.rank)
 
 
-def wrap_optimizer(
+# --- collectives ------------------------------------------------------------------------------
+
+
+def gradient_sync(
     optimizer: torch.optim.Optimizer, model: torch.nn.Module, fp16: bool, backward_passes_per_step: int
-) -> Any:
-    """Horovod DistributedOptimizer: gradients are averaged with ring-allreduce on backward."""
-    import horovod.torch as hvd
-
-    return hvd.DistributedOptimizer(
-        optimizer,
-        named_parameters=model.named_parameters(),
-        compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
-        backward_passes_per_step=backward_passes_per_step,
-        op=hvd.Average,
-        # One grouped allreduce for all gradients: one request, one negotiation and one wait per
-        # update instead of one per tensor. Nothing is lost by waiting for the whole backward
-        # pass, since the trainer overlaps the allreduce with the next env step instead.
-        groups=1,
-    )
+) -> GradientSync:
+    """Gradient averaging around ``optimizer`` for ``model``'s parameters (several ranks only):
+    one grouped allreduce per update, ``fp16`` halves its bytes, and ``backward_passes_per_step``
+    passes accumulate locally before it starts."""
+    assert _B is not None, "gradient_sync needs several ranks"
+    return _B.gradient_sync(optimizer, model, fp16, backward_passes_per_step)
 
 
 def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
@@ -132,11 +257,9 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
     """
     if not tensors or _alone():
         return
-    import horovod.torch as hvd
-
     dtype, device = tensors[0].dtype, tensors[0].device
     flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
-    flat = hvd.allreduce(flat, op=hvd.Average, name=name)  # HVD: allreduce (one fused buffer)
+    flat = _B.average_(flat, name=name)  # HVD: allreduce (one fused buffer)
     offset = 0
     with torch.no_grad():
         for t in tensors:
@@ -147,11 +270,8 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
 
 def broadcast_model(model: torch.nn.Module) -> None:
     """Collective: every rank receives rank 0's parameters and buffers."""
-    if _alone():
-        return
-    import horovod.torch as hvd
-
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # HVD: broadcast
+    if not _alone():
+        _B.broadcast_module(model)  # HVD: broadcast
 
 
 def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -160,20 +280,15 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
     Only call this when rank 0's optimizer has state (after a restore): on a fresh optimizer
     Horovod would run a zero-gradient step to create state, which offsets Adam's step count.
     """
-    if _alone():
-        return
-    import horovod.torch as hvd
-
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # HVD: broadcast (several)
+    if not _alone():
+        _B.broadcast_optimizer(optimizer)  # HVD: broadcast (several)
 
 
 def broadcast_object(obj: T, name: str) -> T:
     """Collective: rank 0's picklable ``obj`` on every rank. ``name`` is required (see README)."""
     if _alone():
         return obj
-    import horovod.torch as hvd
-
-    return hvd.broadcast_object(obj, root_rank=0, name=name)  # HVD: broadcast
+    return _B.broadcast_object(obj, name=name)  # HVD: broadcast
 
 
 def rank0_decides(decide: Callable[[], T], name: str, errors: type[Exception]) -> T:
@@ -201,59 +316,54 @@ def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
     """Collective: elementwise float64 sum over ranks of a small vector (metrics, votes)."""
     if _alone():
         return np.array(values, dtype=np.float64)
-    import horovod.torch as hvd
-
-    t = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    return hvd.allreduce(t, op=hvd.Sum, name=name).numpy()  # HVD: allreduce
+    return _B.allreduce_sum(values, name=name)  # HVD: allreduce
 
 
 def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     """Collective: (min, max) of a scalar over ranks; used to prove replicas are identical."""
     if _alone():
         return float(value), float(value)
-    import horovod.torch as hvd
-
-    t = torch.tensor([value, -value], dtype=torch.float64)
-    out = hvd.allreduce(t, op=hvd.Min, name=name)  # HVD: allreduce
+    out = _B.allreduce_min(np.array([value, -value]), name=name)  # HVD: allreduce
     return float(out[0]), float(-out[1])
 
 
 def gather_to_root(obj: Any) -> list[Any]:
     """Collective: rank 0 gets every rank's small picklable ``obj`` in rank order; others []."""
-    if _COMM is None:
+    if _alone():
         return [obj]
-    out = _COMM.gather(obj, root=0)  # MPI: gather on our communicator
-    return list(out) if out is not None else []
+    return _B.gather_to_root(obj)  # MPI: gather (small)
 
 
 def send_object(dest: int, obj: Any) -> None:
-    """Point-to-point: a picklable message to ``dest`` (blocks until it is received)."""
-    _COMM.ssend(obj, dest=dest, tag=_SHARD_TAG)  # MPI: synchronous send: at most one in flight
+    """Point-to-point: a picklable message to ``dest`` (returns once it was handed over, so at
+    most one is in flight per sender)."""
+    _B.send_object(dest, obj)  # MPI: p2p send
 
 
 def recv_object(source: int) -> Any:
     """Point-to-point: the next message ``send_object`` sent from ``source``."""
-    return _COMM.recv(source=source, tag=_SHARD_TAG)  # MPI: receive
+    return _B.recv_object(source)  # MPI: p2p receive
 
 
 def versions() -> dict[str, str]:
     """Versions of the communication libraries in use, for checkpoints' provenance."""
-    try:
-        import horovod
+    from mpirl import dist_horovod
 
-        return {"horovod": horovod.__version__}
-    except ImportError:  # pragma: no cover - horovod is a dependency
-        return {}
+    return {"horovod": dist_horovod.version()} if dist_horovod.importable() else {}
+
+
+# --- errors and abort -------------------------------------------------------------------------
 
 
 def abort(code: int = 1) -> None:
-    """End the whole job now (MPI_Abort) when it has more than one rank; else exit."""
+    """End the whole job now (MPI_Abort where MPI runs; under torchrun, exiting makes torchrun
+    end the others); a plain process just exits."""
     sys.stderr.flush()
     sys.stdout.flush()
-    if _env_world_size() > 1:
-        from mpi4py import MPI
+    if "mpi4py.MPI" in sys.modules:
+        from mpirl.dist_horovod import abort_world
 
-        MPI.COMM_WORLD.Abort(code)
+        abort_world(code)
     os._exit(code)
 
 
@@ -267,26 +377,21 @@ class AgreedError(RuntimeError):
 def _settle(timeout: float = 10.0) -> None:
     """Wait (bounded) until every rank got here, so that no rank's exit aborts a peer before
     it printed its message. Only for errors all ranks raise alike (agreed by a collective)."""
-    if _COMM is None or _COMM.Get_size() == 1:
-        return
-    import time
-
-    req = _COMM.Ibarrier()  # MPI: non-blocking barrier, polled with a deadline
-    deadline = time.monotonic() + timeout
-    while not req.Test() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if not _alone():
+        _B.barrier_within(timeout)  # HVD: barrier with a deadline
 
 
 def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ...] = ()) -> T:
     """Run ``fn``; on an uncaught exception print it with this rank and abort every rank.
 
-    Errors in ``user_errors`` print one line and exit 2 (no traceback): they are raised on
-    every rank alike (validation), so each rank exits without waiting for the others. Any
-    other exception may be on one rank only, so it must take the job down: MPI_Abort.
+    Errors in ``user_errors`` (and DistError) print one line and exit 2 (no traceback): they
+    are raised on every rank alike (validation), so each rank exits without waiting for the
+    others. Any other exception may be on one rank only, so it must take the job down: abort.
     """
+    one_line: tuple[type[BaseException], ...] = (DistError, *user_errors)
     try:
         return fn()
-    except user_errors as exc:
+    except one_line as exc:
         # One write per line: print() writes text and newline apart, and mpirun's forwarding
         # can interleave two ranks' lines between them.
         sys.stderr.write(f"mpirl: error: {exc}\n")

@@ -29,6 +29,13 @@ from mpirl import algo, dist, model, replay
 from mpirl.config import Config
 
 
+def _finite_batch(b: replay.Batch) -> bool:
+    """Are the sampled rewards and (float) observations finite? (Integer frames always are.)"""
+    if not np.isfinite(b.rewards).all():
+        return False
+    return b.obs.dtype.kind != "f" or bool(np.isfinite(b.obs).all() and np.isfinite(b.next_obs).all())
+
+
 class NonFiniteError(dist.AgreedError):
     """Too many consecutive non-finite gradients; raised on every rank at the same update."""
 
@@ -58,12 +65,15 @@ class Learner:
         # optimizer, whose background cycle would only add latency (benchmarks/throughput.py).
         self.local_sgd = cfg.sync_every > 1 and ctx.size > 1
         self.allreduce_gradients = ctx.size > 1 and not self.local_sgd
-        # A fresh Adam is identical on every rank already; see dist.broadcast_optimizer.
-        self.optimizer: Any = (
-            dist.wrap_optimizer(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
+        # Gradient averaging (Horovod's DistributedOptimizer or one flat torch.distributed
+        # allreduce); `optimizer` is what steps and what checkpoints save. A fresh Adam is
+        # identical on every rank already; see dist.broadcast_optimizer.
+        self.grad_sync: Optional[dist.GradientSync] = (
+            dist.gradient_sync(base, self.online, cfg.fp16_allreduce, cfg.backward_passes_per_step)
             if self.allreduce_gradients
-            else base
+            else None
         )
+        self.optimizer: Any = self.grad_sync.optimizer if self.grad_sync is not None else base
         if self.local_sgd:
             # Create Adam's state (zero moments, step 0) now instead of at the first step(): a rank
             # whose first gradients were all non-finite would otherwise have no state to average and
@@ -116,17 +126,21 @@ class Learner:
                     self._tensor(b.rewards), self._tensor(b.discounts), next_q_target, next_q_online
                 )
             loss, td = algo.td_loss(self.online(obs), self._tensor(b.actions), targets, self._tensor(b.weights))
-            # A non-finite TD target (an inf reward, say) leaves the Huber gradient finite (it
-            # saturates at +-1), so it would be trained on silently. Poison the loss instead: the
-            # gradient turns NaN here, the average turns NaN on every rank, and every rank skips
-            # the update alike (no host sync, no extra collective; x 1.0 is exact otherwise).
-            loss = loss * torch.where(torch.isfinite(targets).all(), 1.0, float("nan"))
+            if not _finite_batch(b):
+                # A non-finite TD target (an inf reward, say) leaves the Huber gradient finite (it
+                # saturates at +-1), so it would be trained on silently. Poison the loss instead:
+                # the gradient turns NaN here, the average turns NaN on every rank, and every rank
+                # skips the update alike (no extra collective). Checked on the host batch: a few
+                # microseconds, where device-side checks cost a few ops per update.
+                loss = loss * float("nan")
             # Horovod sums nothing across passes itself; average them so the step size does not
             # depend on backward_passes_per_step.
-            (loss / passes).backward()  # HVD (K = 1): hooks start the gradient allreduce (after the last pass)
+            (loss / passes).backward()  # HVD (Horovod, K = 1): hooks start the allreduce after the last pass
             if cfg.prioritized:  # a device->host copy per update only where priorities exist
                 buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
+        if self.grad_sync is not None:
+            self.grad_sync.start()  # HVD (K = 1): the gradient allreduce starts (torch; Horovod's hooks did)
         self._pending = total_loss / passes
 
     def finish(self) -> torch.Tensor:
@@ -140,8 +154,8 @@ class Learner:
         if self.local_sgd:
             self._local_step()
             return loss
-        if self.allreduce_gradients:
-            self.optimizer.synchronize()  # HVD: wait for the averaged gradients
+        if self.grad_sync is not None:
+            self.grad_sync.wait()  # HVD: wait for the averaged gradients
         # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
         # every rank skips (or applies) an update alike without another collective.
         if not bool(torch.isfinite(self._clip_gradients())):
@@ -149,9 +163,8 @@ class Learner:
             self._count_skip("a non-finite averaged gradient", "weights unchanged since the last finite update")
             return loss
         self.nonfinite_streak = 0
-        if self.allreduce_gradients:
-            with self.optimizer.skip_synchronize():
-                self.optimizer.step()
+        if self.grad_sync is not None:
+            self.grad_sync.step()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad()  # torch >= 2 sets grads to None

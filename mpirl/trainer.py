@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, envs, model, rundir
+from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, model, rundir
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
@@ -102,7 +102,7 @@ def fit(cfg: Config) -> Summary:
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
-    ctx = dist.init(cfg.device, cfg.torch_threads)
+    ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
     if cfg.expect_world_size and ctx.size != cfg.expect_world_size:
         # Every process sees the same size, so all raise alike (N singletons raise on their own).
         raise ConfigError(
@@ -130,8 +130,11 @@ def fit(cfg: Config) -> Summary:
 
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
     run.writer = MetricsWriter(run_dir, cfg.tensorboard) if ctx.rank == 0 else None
+    if ctx.note:
+        run.log(f"mpirl: {ctx.note}")
     run.log(
-        f"mpirl: {cfg.env_id} on {ctx.size} rank(s), device {ctx.device}, {cfg.num_envs_per_rank} envs/rank "
+        f"mpirl: {cfg.env_id} on {ctx.size} rank(s), {dryrun.backend_words(ctx)}, device {ctx.device}, "
+        f"{cfg.num_envs_per_rank} envs/rank "
         f"({counters.steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(ctx.size)}, "
         f"lr {cfg.lr_for(ctx.size):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
@@ -436,8 +439,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: exit 0 on success, 2 on bad input (every rank), abort on a crash."""
 
     def run() -> int:
-        fit(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.dry_run:
+            dryrun.dry_run(cfg)
+        else:
+            fit(cfg)
         return 0
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, envs.EnvError, checkpoint.CheckpointError)
+    errors: tuple[type[BaseException], ...] = (ConfigError, envs.EnvError, checkpoint.CheckpointError, dist.DistError)
     return dist.run_or_abort(run, user_errors=errors)

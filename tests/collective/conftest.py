@@ -24,10 +24,11 @@ from mpi_plugin import *  # noqa: E402, F403  (its hooks, scoped to this folder 
 
 @pytest.fixture(scope="session")
 def ctx() -> Any:
-    """mpirl's distributed context (Horovod initialised over the MPI the plugin started), CPU."""
+    """mpirl's distributed context on the CPU, with the backend MPIRL_TEST_BACKEND names
+    (default horovod; tests/mpi/test_collective.py runs the suite with each)."""
     from mpirl import dist
 
-    return dist.init("cpu", 1)  # HVD: init (collective)
+    return dist.init("cpu", 1, os.environ.get("MPIRL_TEST_BACKEND", "horovod"))  # HVD: init (collective)
 
 
 @pytest.fixture

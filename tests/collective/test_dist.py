@@ -102,7 +102,7 @@ def test_broadcast_model_makes_every_rank_rank_0s_model_bitwise(ctx):
         assert torch.equal(value, before[key]), key
 
 
-def test_wrap_optimizer_averages_gradients_and_steps_alike(ctx):
+def test_gradient_sync_averages_gradients_and_steps_alike(ctx):
     n, r, lr = ctx.size, ctx.rank, 0.5
     torch.manual_seed(7 + r)
     model = torch.nn.Linear(3, 2)
@@ -124,15 +124,15 @@ def test_wrap_optimizer_averages_gradients_and_steps_alike(ctx):
     mean_w, mean_b = sum(grads_w) / n, sum(grads_b) / n
     assert not torch.allclose(grads_w[0], grads_w[1])  # local gradients differ between ranks
 
-    opt = dist.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=lr), model, fp16=False, backward_passes_per_step=1)
-    opt.zero_grad()
+    sync = dist.gradient_sync(torch.optim.SGD(model.parameters(), lr=lr), model, fp16=False, backward_passes_per_step=1)
+    sync.optimizer.zero_grad()
     x, t = data(r)
-    (0.5 * ((model(x) - t) ** 2).sum()).backward()  # HVD: allreduce starts in the backward hooks
-    opt.synchronize()  # HVD: wait for the averaged gradients
+    (0.5 * ((model(x) - t) ** 2).sum()).backward()  # HVD (Horovod): allreduce starts in the backward hooks
+    sync.start()  # HVD (torch): the allreduce starts
+    sync.wait()  # HVD: wait for the averaged gradients
     torch.testing.assert_close(model.weight.grad, mean_w, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.bias.grad, mean_b, rtol=1e-6, atol=1e-6)
-    with opt.skip_synchronize():
-        opt.step()
+    sync.step()
     torch.testing.assert_close(model.weight.detach(), w0 - lr * mean_w, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.bias.detach(), b0 - lr * mean_b, rtol=1e-6, atol=1e-6)
     rank0 = _rank0s(dict(model.named_parameters()), name="tests.wrapopt.after")
@@ -166,18 +166,20 @@ def test_send_and_recv_object_keep_order_both_ways(ctx):
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_wrap_optimizer_replicas_stay_identical_over_steps(ctx, fp16):
+def test_gradient_sync_replicas_stay_identical_over_steps(ctx, fp16):
     """A few Adam steps on rank-dependent data: identical replicas after each (as the trainer needs)."""
     torch.manual_seed(ctx.rank)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     dist.broadcast_model(model)
-    opt = dist.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, fp16=fp16,
+    sync = dist.gradient_sync(torch.optim.Adam(model.parameters(), lr=1e-2), model, fp16=fp16,
                               backward_passes_per_step=1)  # fmt: skip
     gen = torch.Generator().manual_seed(1000 + ctx.rank)
     for step in range(3):
-        opt.zero_grad()
+        sync.optimizer.zero_grad()
         model(torch.randn(16, 4, generator=gen)).pow(2).mean().backward()
-        opt.step()
+        sync.start()
+        sync.wait()
+        sync.step()
         lo, hi = dist.allreduce_min_max(float(sum(p.detach().double().sum() for p in model.parameters())),
                                         name=f"tests.wrapopt.steps.{fp16}")  # fmt: skip
         assert lo == hi, f"step {step}: replicas differ ({lo} vs {hi})"

@@ -1,6 +1,8 @@
 """Bad input under `mpirun -np 2`: one line `mpirl: error: ...` from every rank, exit code 2,
 mpirun returns (no hang), and nothing is created for the rejected run."""
 
+import os
+
 import pytest
 from mpi_launch import mpirun
 
@@ -50,6 +52,14 @@ CASES = [
     # files
     (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
     (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
+    # backends and devices
+    (["--backend", "mpi"], "--backend must be one of auto, horovod, torch, gloo, nccl"),
+    (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs CUDA tensors"),
+    (["--device", "cuda"], "--device cuda asked for, but torch sees no CUDA device"),
+    # the same checks on the torch backend, whose ranks agree through Gloo
+    (["--backend", "torch", "--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
+    (["--backend", "torch", "--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
+    (["--backend", "torch", "--env", "Pendulum-v1"], "DQN needs a Discrete action space"),
 ]
 
 
@@ -86,3 +96,18 @@ def test_bad_input_exits_2_on_every_rank(tmp_path, args, message):
 )
 def test_bad_toml_exits_2_on_every_rank(bad_tomls, name, message):
     _check(bad_tomls, ["--config", str(bad_tomls / name)], message)
+
+
+FAKE_CUDA = os.path.join(os.path.dirname(__file__), "workers", "fake_cuda.py")
+
+
+def test_horovod_without_gpu_operations_refuses_cuda_at_start(tmp_path):
+    """On a GPU host whose Horovod was built without NCCL (no nvcc), --backend horovod on CUDA
+    stops at start on every rank, naming the fix; never Horovod's internal error at the first
+    allreduce. CUDA is faked (torch.cuda reports one device): the refusal comes before any GPU work."""
+    run_dir = tmp_path / "r"
+    res = mpirun([FAKE_CUDA, "--device", "cuda", "--backend", "horovod", "--run-dir", str(run_dir)], timeout=90)
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("built without GPU operations" in ln and "--backend torch" in ln for ln in lines)
+    assert "ReadyEvent" not in res.output and not run_dir.exists()

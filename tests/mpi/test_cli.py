@@ -5,7 +5,7 @@ import os
 import sys
 
 import pytest
-from mpi_launch import mpirun, run
+from mpi_launch import MPIRUN, mpi_env, mpirun, run
 
 pytestmark = pytest.mark.mpi
 SHORT = ["--total-env-steps", "2000", "--learning-starts-per-rank", "200", "--hidden-sizes", "32,32",
@@ -59,3 +59,24 @@ def test_env_module_registers_user_env(tmp_path):
                   "--run-dir", str(tmp_path / "r")], timeout=180, env=env)  # fmt: skip
     assert res.returncode == 0, res.output[-3000:]
     assert "MyCartPole-v0" in res.stdout
+
+
+@pytest.mark.parametrize(("backend", "expect"), [("auto", "backend horovod (Horovod"), ("horovod", "backend horovod"),
+                                                 ("torch", "backend torch (torch.distributed gloo")])  # fmt: skip
+def test_dry_run_prints_each_ranks_device_backend_and_wait_mode(backend, expect):
+    """`--dry-run`: each rank's device, backend and collective library, one allreduce, no training.
+    The plain mpirun line (no launcher flags, no OMPI_MCA_mpi_yield_when_idle set): mpirl itself
+    makes MPI yield while it waits, since 2 ranks fill this machine's cores."""
+    env = mpi_env()
+    env.pop("OMPI_MCA_mpi_yield_when_idle", None)
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", sys.executable, "-m", "mpi4py", "-m", "mpirl.train", "--dry-run",
+           "--backend", backend]  # fmt: skip
+    res = run(cmd, timeout=90, env=env)
+    assert res.returncode == 0, res.output[-3000:]
+    for rank in (0, 1):
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith(f"rank {rank}:"))
+        assert expect in line and "device cpu" in line, line
+        if (os.cpu_count() or 1) <= 2:
+            assert "OMPI_MCA_mpi_yield_when_idle=1" in line, line
+    assert "an allreduce of 1 per rank gave 2 (ok)" in res.stdout
+    assert "step " not in res.stdout  # no training

@@ -56,8 +56,10 @@ def _demo(tmp_path, name, source, timeout=60, env=None):
     return res, _by_rank(res)
 
 
-def test_collective_suite_passes_on_both_ranks():
-    res = _mpirun_pytest(["-q", "tests/collective"], cwd=REPO, timeout=180, env={"MPIRL_COLLECTIVE_TIMEOUT": "60"})
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_collective_suite_passes_on_both_ranks(backend):
+    env = {"MPIRL_COLLECTIVE_TIMEOUT": "60", "MPIRL_TEST_BACKEND": backend}
+    res = _mpirun_pytest(["-q", "tests/collective"], cwd=REPO, timeout=180, env=env)
     out = _by_rank(res)
     assert res.returncode == 0, res.output[-6000:]
     counts = []
