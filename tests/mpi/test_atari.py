@@ -41,9 +41,10 @@ def _datasets(path):
     return out
 
 
-def test_pong_trains_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_pong_trains_checkpoints_and_resumes_exactly(tmp_path, backend):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    res = _train(straight, 1200)
+    res = _train(straight, 1200, "--backend", backend)
     assert "device cpu" in res.stdout and "replicas" not in res.stderr
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["replicas_identical"] and summary["updates"] > 0 and summary["global_env_steps"] == 1200
@@ -61,8 +62,8 @@ def test_pong_trains_checkpoints_and_resumes_exactly(tmp_path):
             assert rep["frames"].shape[0] == min(meta["frames_total"], meta["frame_capacity"])
             assert rep["frames"].shape[0] < 1.2 * rep["actions"].shape[0] + 40
 
-    _train(split, 600)
-    res = _train(split, 1200, "--resume", "auto")
+    _train(split, 600, "--backend", backend)
+    res = _train(split, 1200, "--resume", "auto", "--backend", backend)
     assert "exact resume" in res.stdout, res.stdout[-2000:]
     a, b = _datasets(_latest(straight)), _datasets(_latest(split))
     assert sorted(a) == sorted(b)

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.mpi
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
         "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
         "--target-update-interval", "20", "--checkpoint-interval", "0"]  # fmt: skip
+BACKENDS = ["horovod", "torch"]  # every proof here runs on both (torch: Gloo on the CPU)
 
 
 def _train(run_dir, steps, *extra, np=2, timeout=240):
@@ -44,9 +45,11 @@ def _contents(path):
     return out, counters
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("extra", [[], ["--prioritized", "--per-beta-steps", "4000", "--n-step", "2"]],
                          ids=["uniform", "per"])  # fmt: skip
-def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path, extra):
+def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path, extra, backend):
+    extra = [*extra, "--backend", backend]
     straight, split = tmp_path / "straight", tmp_path / "split"
     _train(straight, 3200, *extra)
     _train(split, 1600, *extra)
@@ -124,9 +127,10 @@ def test_bad_checkpoints_give_one_line_errors_on_every_rank(tmp_path):
         assert len(lines) == 2 and all(message in ln for ln in lines), (args, res.stderr[-2000:])
 
 
-def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path, backend):
     run = tmp_path / "run"
-    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run)])
+    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run), "--backend", backend])
     try:
         deadline = time.monotonic() + 120
         while not (run / "progress.csv").exists() or len((run / "progress.csv").read_text().splitlines()) < 3:
@@ -146,7 +150,7 @@ def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path):
     stopped_at = summary["global_env_steps"]
     with h5py.File(_latest(run), "r") as f:
         assert int(f.attrs["global_env_steps"]) == stopped_at
-    res = _train(run, stopped_at + 800, "--resume", "auto")
+    res = _train(run, stopped_at + 800, "--resume", "auto", "--backend", backend)
     assert f"resumed from {_latest(run).parent}" in res.stdout or "resumed from" in res.stdout
     assert json.loads((run / "summary.json").read_text())["global_env_steps"] == stopped_at + 800
 

@@ -16,6 +16,7 @@ ENVS = os.path.join(os.path.dirname(__file__), "envs")
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
         "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
         "--checkpoint-interval", "400"]  # fmt: skip
+BACKENDS = ["horovod", "torch"]  # every proof here runs on both (torch: Gloo on the CPU)
 
 
 def _fault_env(kind, after=300, rank=1):
@@ -40,11 +41,12 @@ def _latest_loads(run):
     return path
 
 
-def test_exception_on_rank_1_aborts_job_fast_with_message(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exception_on_rank_1_aborts_job_fast_with_message(tmp_path, backend):
     run = tmp_path / "run-exc"
     t0 = time.monotonic()
     res = mpirun(["-m", "mpirl.train", *BASE, "--env", "FaultyCartPole-v0", "--env-module", "faulty_envs",
-                  "--total-env-steps", "400000", "--run-dir", str(run)],
+                  "--total-env-steps", "400000", "--run-dir", str(run), "--backend", backend],
                  env=_fault_env("raise", after=400), timeout=120)  # fmt: skip
     assert res.returncode != 0
     assert time.monotonic() - t0 < 60  # start-up + 800 steps + abort
@@ -53,9 +55,10 @@ def test_exception_on_rank_1_aborts_job_fast_with_message(tmp_path):
     _latest_loads(run)
 
 
-def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path, backend):
     run = tmp_path / "run-kill"
-    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run)])
+    proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run), "--backend", backend])
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "latest").exists():

@@ -38,8 +38,24 @@ def _reports(tmp_path, overrides, np=2):
         {},
         {"prioritized": True, "dueling": True, "n_step": 1, "tau": 0.05, "target_update_interval": 1},
         {"fp16_allreduce": True, "backward_passes_per_step": 2, "double_dqn": False, "max_grad_norm": 0.5},
+        {"backend": "torch"},
+        {
+            "backend": "torch",
+            "prioritized": True,
+            "dueling": True,
+            "n_step": 1,
+            "tau": 0.05,
+            "target_update_interval": 1,
+        },
+        {
+            "backend": "torch",
+            "fp16_allreduce": True,
+            "backward_passes_per_step": 2,
+            "double_dqn": False,
+            "max_grad_norm": 0.5,
+        },
     ],
-    ids=["default", "per-dueling-soft", "fp16-bpps2"],
+    ids=["default", "per-dueling-soft", "fp16-bpps2", "torch-default", "torch-per-dueling-soft", "torch-fp16-bpps2"],
 )
 def test_all_ranks_bitwise_identical_after_k_updates(tmp_path, overrides):
     reports, _ = _reports(tmp_path, overrides)

@@ -100,13 +100,15 @@ def test_cli_run_ends_with_identical_replicas(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_resume_continues_exactly(tmp_path, backend):
     """A checkpoint holds averaged weights and Adam state, and the averaging schedule restarts at
     each save, so a resumed run continues as the uninterrupted one did (CPU, same world size)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    a = _cli(straight, 1600, "--checkpoint-interval", "800", "--final-eval-episodes", "0")
-    _cli(split, 800, "--checkpoint-interval", "800", "--final-eval-episodes", "0")
-    b = _cli(split, 1600, "--checkpoint-interval", "800", "--final-eval-episodes", "0", "--resume", "auto")
+    common = ("--checkpoint-interval", "800", "--final-eval-episodes", "0", "--backend", backend)
+    a = _cli(straight, 1600, *common)
+    _cli(split, 800, *common)
+    b = _cli(split, 1600, *common, "--resume", "auto")
     assert a["param_checksum"] == b["param_checksum"] and a["updates"] == b["updates"] > 100
     assert _state(straight) == _state(split)
 
