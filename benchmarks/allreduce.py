@@ -1,16 +1,21 @@
-"""Horovod allreduce against a raw mpi4py Allreduce of the same float32 buffers, same run.
+"""Horovod and torch.distributed (Gloo) allreduce against a raw mpi4py Allreduce of the same
+float32 buffers, side by side in one run: mpirl's two CPU backends and their baseline.
 
     launch/mpirun.sh -np 2 -- python benchmarks/allreduce.py [--json benchmarks/results/allreduce.json] [--quick]
 
 For each size from 1 KiB to 64 MiB, in blocks: raw MPI, Horovod (hvd.init ... hvd.shutdown),
-raw MPI, Horovod, ..., raw MPI. Each Horovod block is compared with the mean of the raw blocks
-around it; the ratio is the median over blocks (min-max shown). Times are medians over rounds of
+torch Gloo, raw MPI, Horovod, torch Gloo, ..., raw MPI. Each backend block is compared with the
+mean of the raw blocks around it; the ratio is the median over blocks (min-max shown). Gloo is
+timed as mpirl's torch backend calls it: in place, started asynchronously and waited for
+(``all_reduce(..., async_op=True).wait()``), on a process group whose rendezvous went through
+MPI, as dist_torch does. Times are medians over rounds of
 per-call times, the slowest rank's. Bandwidth is the algorithm bandwidth, bytes / time.
 Horovod's figure includes what a training step pays: the tensor queue, negotiation over its
 controller, fusion, and the wait in synchronize. It is timed two ways, alternating: in place
 (``hvd.allreduce_``, as mpirl's DistributedOptimizer does with each gradient: the headline
-ratio) and returning a new tensor (``hvd.allreduce``: one more allocation and copy). Horovod runs with mpirl's HOROVOD_CYCLE_TIME
-(0.05 ms) unless the environment sets another (HOROVOD_CYCLE_TIME=1 is Horovod's default).
+ratio) and returning a new tensor (``hvd.allreduce``: one more allocation and copy). Horovod
+runs with mpirl's HOROVOD_CYCLE_TIME (0.05 ms) unless the environment sets another
+(HOROVOD_CYCLE_TIME=1 is Horovod's default).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def main() -> None:
         args.max_mib, args.rounds, args.blocks = 4, 2, 1
 
     import horovod.torch as hvd
+    import torch.distributed as tdist
     from mpi4py import MPI
 
     # What mpirl uses with several ranks (mirrors dist.init); HOROVOD_CYCLE_TIME=1 gives Horovod's default.
@@ -64,8 +70,8 @@ def main() -> None:
         for nbytes in sizes:
             send = np.ones(nbytes // 4, dtype=np.float32)
             recv = np.empty_like(send)
-            calls = {"two_buffers": lambda: comm.Allreduce(send, recv, op=MPI.SUM),
-                     "in_place": lambda: comm.Allreduce(MPI.IN_PLACE, recv, op=MPI.SUM)}  # fmt: skip
+            calls = {"two_buffers": lambda s=send, r=recv: comm.Allreduce(s, r, op=MPI.SUM),
+                     "in_place": lambda r=recv: comm.Allreduce(MPI.IN_PLACE, r, op=MPI.SUM)}  # fmt: skip
             times: dict[str, list[float]] = {k: [] for k in calls}
             for call in calls.values():
                 call()  # warm-up
@@ -109,17 +115,47 @@ def main() -> None:
                 out[name].append(comm.allreduce(statistics.median(times[name]), op=MPI.MAX))
         return out
 
-    # Blocks alternate raw, Horovod, raw, Horovod, ..., raw (Horovod started and shut down each
-    # time); each Horovod block is compared with the raw blocks on either side of it, and the
-    # ratio reported is the median over blocks: this machine's speed drifts by 2-3x over minutes.
+    # torch.distributed with Gloo, started as mpirl's torch backend starts it: rank 0's free port
+    # travels by one MPI broadcast. Gloo has no polling thread: it can stay up between blocks.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
+                             world_size=comm.Get_size())  # fmt: skip
+
+    def time_gloo() -> list[float]:
+        out = []
+        for nbytes in sizes:
+            t = torch.ones(nbytes // 4, dtype=torch.float32)
+            tdist.all_reduce(t, async_op=True).wait()  # warm-up
+            times = []
+            for _ in range(args.rounds):
+                t.fill_(1.0)
+                comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters_for(nbytes)):
+                    tdist.all_reduce(t, op=tdist.ReduceOp.SUM, async_op=True).wait()
+                times.append((time.perf_counter() - t0) / iters_for(nbytes))
+            out.append(comm.allreduce(statistics.median(times), op=MPI.MAX))
+        return out
+
+    # Blocks alternate raw, Horovod, Gloo, raw, Horovod, Gloo, ..., raw (Horovod started and shut
+    # down each time); each backend block is compared with the raw blocks on either side of it,
+    # and the ratio reported is the median over blocks: this machine's speed drifts by 2-3x over
+    # minutes.
     raw_blocks = [time_mpi()]
-    hvd_blocks = []
+    hvd_blocks, gloo_blocks = [], []
+    rank, size = comm.Get_rank(), comm.Get_size()
     for _ in range(args.blocks):
         hvd.init()
-        rank, size = hvd.rank(), hvd.size()
         hvd_blocks.append(time_hvd())
         hvd.shutdown()
+        gloo_blocks.append(time_gloo())
         raw_blocks.append(time_mpi())
+    tdist.destroy_process_group()
     rows = []
     for i, nbytes in enumerate(sizes):
         raw = [(raw_blocks[b][i] + raw_blocks[b + 1][i]) / 2 for b in range(args.blocks)]
@@ -128,22 +164,27 @@ def main() -> None:
         h = statistics.median(b["in_place"][i] for b in hvd_blocks)
         hc = statistics.median(b["copy"][i] for b in hvd_blocks)
         m = statistics.median(raw)
-        rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m,
+        ratio_gloo = [r / g[i] for r, g in zip(raw, gloo_blocks)]
+        gl = statistics.median(g[i] for g in gloo_blocks)
+        rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m, "gloo_s": gl,
+                     "ratio_gloo": statistics.median(ratio_gloo), "ratio_gloo_min": min(ratio_gloo),
+                     "ratio_gloo_max": max(ratio_gloo), "gloo_blocks_s": [g[i] for g in gloo_blocks],
                      "ratio": statistics.median(ratio), "ratio_min": min(ratio), "ratio_max": max(ratio),
                      "ratio_copy": statistics.median(ratio_copy), "horovod_MBps": nbytes / h / 1e6,
                      "mpi4py_MBps": nbytes / m / 1e6, "mpi4py_blocks_s": [r[i] for r in raw_blocks],
                      "horovod_blocks_s": [b["in_place"][i] for b in hvd_blocks]})  # fmt: skip
     if rank == 0:
         print(f"machine: {machine()}; {size} ranks")
-        print("| size | Horovod in place (mpirl's) | Horovod, new tensor | mpi4py Allreduce | in place vs raw (min-max) | "
-              "new tensor vs raw |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| size | mpi4py Allreduce (raw) | Horovod in place (mpirl's) | torch Gloo (mpirl's) | "
+              "Horovod vs raw (min-max) | Gloo vs raw (min-max) | Horovod, new tensor, vs raw |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2**20 else f"{r['bytes'] // 2**20} MiB"
-            print(f"| {size} | {r['horovod_s'] * 1e6:,.0f} µs ({r['horovod_MBps']:,.0f} MB/s) | "
-                  f"{r['horovod_copy_s'] * 1e6:,.0f} µs | "
-                  f"{r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | {r['ratio']:.2f}x "
-                  f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+            print(f"| {size} | {r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | "
+                  f"{r['horovod_s'] * 1e6:,.0f} µs ({r['horovod_MBps']:,.0f} MB/s) | "
+                  f"{r['gloo_s'] * 1e6:,.0f} µs ({r['bytes'] / r['gloo_s'] / 1e6:,.0f} MB/s) | "
+                  f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                  f"{r['ratio_gloo']:.2f}x ({r['ratio_gloo_min']:.2f}-{r['ratio_gloo_max']:.2f}) | "
                   f"{r['ratio_copy']:.2f}x |")  # fmt: skip
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:

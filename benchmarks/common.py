@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "mpirun.sh")
 RESULTS = os.path.join(REPO, "benchmarks", "results")
+VENV_PYTHON = os.path.join(os.environ.get("MPIRL_VENV", os.path.join(REPO, ".venv")), "bin", "python")
 # Where --quick (smoke) runs put their results by default: runs/ is git-ignored, so smoke figures
 # never overwrite or join the committed ones.
 QUICK_RESULTS = os.path.join(REPO, "runs", "bench-quick")
@@ -97,6 +98,7 @@ def run_mpirl(
     run_dir: Optional[str] = None,
     tree: Optional[str] = None,
     core: Optional[int] = None,
+    plain: bool = False,
 ) -> dict:
     """Run ``python -m mpirl.train ARGS`` on ``np`` ranks; return summary.json plus the
     launcher-measured wall time (``total_wall_s``, start-up included).
@@ -104,13 +106,18 @@ def run_mpirl(
     ``run_dir``: keep the run directory there (replaced if it exists; its checkpoints are
     deleted after the run, only the logs are kept); default: a temporary one. ``core``: run
     the whole job on this one core (taskset; mpirun's own binding off, since it would pick
-    core 0 whatever the taskset), so that concurrent jobs do not share a core."""
+    core 0 whatever the taskset), so that concurrent jobs do not share a core. ``plain``: the
+    command a user types, ``mpirun -np N python -m mpi4py -m mpirl.train``, instead of
+    launch/mpirun.sh (no binding, wait-mode or other flags of ours; as root, the root allowance)."""
     with tempfile.TemporaryDirectory(prefix="mpirl-bench-") as tmp:
         target = fresh_dir(run_dir) if run_dir else os.path.join(tmp, "run")
         pin = [] if core is None else ["taskset", "-c", str(core)]
         unbind = [] if core is None else ["--oversubscribe"]  # launch/mpirun.sh: --bind-to none
-        cmd = [*pin, LAUNCH, "-np", str(np), *unbind, "--", "python", "-m", "mpirl.train", *args,
-               "--run-dir", target, "--no-tensorboard"]  # fmt: skip
+        launcher = [LAUNCH, "-np", str(np), *unbind, "--", "python"]
+        if plain:
+            launcher = ["mpirun", "-np", str(np), *unbind, VENV_PYTHON, "-m", "mpi4py"]
+            env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", **(env or {})}
+        cmd = [*pin, *launcher, "-m", "mpirl.train", *args, "--run-dir", target, "--no-tensorboard"]
         # tree: another checkout of mpirl (e.g. a git worktree of an older commit) whose
         # package `python -m` then imports first, being the working directory.
         _, wall = run_timed(cmd, env=env, timeout=timeout, cwd=tree)

@@ -2,6 +2,7 @@
 hyperparameters, one process), mpirl at 1 rank and mpirl at 2 ranks (default options).
 
     .venv/bin/python benchmarks/solve_cartpole.py [--seeds 1 2 3 4 5] [--variants sb3 mpirl-1 mpirl-2]
+    .venv/bin/python benchmarks/solve_cartpole.py --variants mpirl-2-horovod mpirl-2-torch mpirl-2-torch-plain
     .venv/bin/python benchmarks/solve_cartpole.py --quick        # smoke run: 1 seed, small budgets
 
 One criterion for all: a greedy evaluation of 20 episodes every 5,000 global env steps, the run
@@ -84,12 +85,18 @@ def main() -> None:
         if variant == "sb3":
             return lambda seed: run_sb3(seed, os.path.join(args.curves_dir, f"sb3-s{seed}"), args.sb3_budget,
                                         args.sb3_threads, args.timeout)  # fmt: skip
-        if variant.startswith("mpirl-") and variant[6:].isdigit():
-            np = int(variant[6:])
-            return lambda seed: run_mpirl(np, ["--seed", str(seed), "--total-env-steps", str(args.mpirl_budget)],
-                                          timeout=args.timeout,
-                                          run_dir=os.path.join(args.curves_dir, f"mpirl-{np}r-s{seed}"))  # fmt: skip
-        sys.exit(f"solve_cartpole: unknown variant {variant!r} (sb3 or mpirl-<ranks>)")
+        # mpirl-<ranks>[-<backend>][-plain]: e.g. mpirl-2, mpirl-2-torch, mpirl-2-horovod-plain
+        parts = variant.split("-")
+        if parts[0] == "mpirl" and len(parts) >= 2 and parts[1].isdigit():
+            np, rest = int(parts[1]), parts[2:]
+            plain = "plain" in rest
+            backend = [p for p in rest if p != "plain"]
+            opts = ["--backend", backend[0]] if backend else []
+            tag = "-".join([f"{np}r", *rest])
+            return lambda seed: run_mpirl(np, ["--seed", str(seed), "--total-env-steps", str(args.mpirl_budget),
+                                               *opts], timeout=args.timeout, plain=plain,
+                                          run_dir=os.path.join(args.curves_dir, f"mpirl-{tag}-s{seed}"))  # fmt: skip
+        sys.exit(f"solve_cartpole: unknown variant {variant!r} (sb3 or mpirl-<ranks>[-<backend>][-plain])")
 
     runners = {v: runner(v) for v in args.variants}
 

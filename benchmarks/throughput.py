@@ -24,13 +24,26 @@ from typing import Optional
 
 from common import machine, run_mpirl, worktree
 
-VARIANTS = {
-    "1 rank": (1, {}),
-    "2 ranks": (2, {}),
-    # launch/mpirun.sh sets mpi_yield_when_idle=1 when ranks fill the cores; this turns it off.
-    "2 ranks, MPI spinning (no yield)": (2, {"OMPI_MCA_mpi_yield_when_idle": "0"}),
+# name -> (ranks, extra environment, extra mpirl options, plain mpirun instead of launch/mpirun.sh)
+VARIANTS: dict[str, tuple[int, dict[str, str], list[str], bool]] = {
+    "1 rank": (1, {}, [], False),
+    "2 ranks": (2, {}, [], False),  # the default backend (auto) through the local launcher
+    "2 ranks, Horovod": (2, {}, ["--backend", "horovod"], False),
+    "2 ranks, torch Gloo": (2, {}, ["--backend", "torch"], False),
+    # What users type: mpirun -np 2 python -m mpi4py -m mpirl.train, with none of our launcher's
+    # flags; mpirl itself picks MPI's wait mode (dist._choose_mpi_wait_mode).
+    "2 ranks, Horovod, plain mpirun": (2, {}, ["--backend", "horovod"], True),
+    "2 ranks, torch Gloo, plain mpirun": (2, {}, ["--backend", "torch"], True),
+    # Open MPI's busy polling while the ranks fill the cores (what plain mpirun did before mpirl
+    # chose the wait mode itself).
+    "2 ranks, Horovod, MPI spinning (no yield)": (
+        2,
+        {"OMPI_MCA_mpi_yield_when_idle": "0"},
+        ["--backend", "horovod"],
+        False,
+    ),
     # mpirl sets HOROVOD_CYCLE_TIME=0.05 (ms) with several ranks; this is Horovod's default.
-    "2 ranks, Horovod's default 1 ms cycle": (2, {"HOROVOD_CYCLE_TIME": "1"}),
+    "2 ranks, Horovod's default 1 ms cycle": (2, {"HOROVOD_CYCLE_TIME": "1"}, ["--backend", "horovod"], False),
 }
 
 
@@ -50,16 +63,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps_per_rank, args.repeats = 3_000, 1
-    # name -> (ranks, extra environment, checkout to run: None = this one)
-    variants: dict[str, tuple[int, dict[str, str], Optional[str]]] = {
-        name: (np, env, None) for name, (np, env) in VARIANTS.items()
+    # name -> (ranks, extra environment, extra options, plain mpirun, checkout to run: None = this one)
+    variants: dict[str, tuple[int, dict[str, str], list[str], bool, Optional[str]]] = {
+        name: (np, env, opts, plain, None) for name, (np, env, opts, plain) in VARIANTS.items()
     }
     if args.only_baseline:
         variants = {k: v for k, v in variants.items() if k in ("1 rank", "2 ranks")}
     if args.baseline_rev:
         tree = worktree(args.baseline_rev)
-        variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, tree)
-        variants[f"2 ranks @ {args.baseline_rev}"] = (2, {}, tree)
+        variants[f"1 rank @ {args.baseline_rev}"] = (1, {}, [], False, tree)
+        variants[f"2 ranks @ {args.baseline_rev}"] = (2, {}, [], False, tree)
 
     def run_args(steps: int) -> list[str]:
         return [*WORK, "--total-env-steps", str(steps), "--eval-interval", "0", "--final-eval-episodes", "0",
@@ -68,8 +81,8 @@ def main() -> None:
     ceiling = (os.cpu_count() or 1) >= 2 and not args.only_baseline  # needs two cores to pin the jobs on
     samples: dict[str, list[dict]] = {k: [] for k in [*variants, *([CEILING] if ceiling else [])]}
     for _ in range(args.repeats):
-        for name, (np, env, checkout) in variants.items():
-            s = run_mpirl(np, run_args(args.steps_per_rank * np), env=env, tree=checkout)
+        for name, (np, env, opts, plain, checkout) in variants.items():
+            s = run_mpirl(np, [*run_args(args.steps_per_rank * np), *opts], env=env, tree=checkout, plain=plain)
             samples[name].append(
                 {"sps": s["global_env_steps"] / s["wall_time_s"], "ups": s["updates"] / s["wall_time_s"]}
             )

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepare what benchmarks/device_check.sh needs on a lent GPU machine that has no network and
+# lacks some packages (see the device tool's KINDS.md: Python 3.12, torch with CUDA, h5py,
+# numpy, opencv, cloudpickle; no gymnasium, no ale-py, no MPI runtime). Downloads their wheels,
+# for Python 3.12 on x86-64, into .whl/ (ignored by git through .git/info/exclude), which the
+# device tool carries (`carry: [".whl"]`) and device_check.sh installs into /tmp/site.
+#
+#   benchmarks/device_prepare.sh        # here, with the package registry reachable
+#
+# Versions are the ones this checkout's virtualenv runs, so both machines run the same envs.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+py=${MPIRL_PYTHON:-$repo/.venv/bin/python}
+[ -x "$py" ] || py=python3
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+mkdir -p .whl
+version() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || echo "$2"; }
+wanted=(
+    "gymnasium==$(version gymnasium 1.4.0)"
+    "farama-notifications==$(version farama-notifications 0.0.6)"
+    "ale-py==$(version ale-py 0.12.1)"
+)
+platforms=()
+for n in 17 24 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" --platform manylinux2014_x86_64 -d .whl "${wanted[@]}"
+ls -la .whl
+du -sh .whl
+echo "device_prepare: carry .whl with benchmarks/device_check.sh (the device tool's carry: [\".whl\"])"

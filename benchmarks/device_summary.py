@@ -1,0 +1,100 @@
+"""Collect benchmarks/device_check.sh's results: $OUT/device_check.json and a table for BENCHMARKS.md.
+
+    python benchmarks/device_summary.py OUT_DIR [--dry]
+
+Exit 1 when a step failed or a check did not hold (a: solved, on a GPU run; c: replicas
+identical; d: both resumes said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import os
+import sys
+from typing import Any, Optional
+
+STEPS = ("a_cartpole", "b_pong", "c_shared_gpu", "d_cuda_first", "d_then_cpu", "d_cpu_first", "d_then_cuda")
+
+
+def _read(path: str) -> Optional[Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--dry", action="store_true")
+    args = ap.parse_args()
+    out = args.out
+    steps = {r["step"]: r for r in (_read(p) for p in sorted(glob.glob(os.path.join(out, "*.rc.json")))) if r}
+    a = _read(os.path.join(out, "a_cartpole", "summary.json")) or {}
+    b = _read(os.path.join(out, "b_pong.json")) or {}
+    c = _read(os.path.join(out, "c_shared", "summary.json")) or {}
+    resumed = {name: "mpirl: resumed from" in _text(os.path.join(out, f"{name}.log"))
+               for name in ("d_then_cpu", "d_then_cuda")}  # fmt: skip
+    checks = {
+        "all steps exited 0": all(r["rc"] == 0 for r in steps.values()) and len(steps) == len(STEPS),
+        "a: CartPole solved on one rank": bool(a.get("solved")) or args.dry,
+        "c: 2 ranks on one GPU, replicas identical": bool(c.get("replicas_identical")) and c.get("world_size") == 2,
+        "d: checkpoints resume across devices": all(resumed.values()),
+    }
+    report = {
+        "date": _dt.date.today().isoformat(),
+        "dry_run": args.dry,
+        "gpu": _text(os.path.join(out, "gpu.txt")).strip(),
+        "python_torch_cuda": _text(os.path.join(out, "versions.txt")).strip(),
+        "steps": steps,
+        "a_cartpole": {
+            k: a.get(k) for k in ("solved", "final_eval_mean", "global_env_steps", "updates", "wall_time_s")
+        },
+        "b_pong": b,
+        "c_shared_gpu": {k: c.get(k) for k in ("world_size", "replicas_identical", "updates", "wall_time_s")},
+        "d_resumed": resumed,
+        "checks": checks,
+    }
+    with open(os.path.join(out, "device_check.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"device check {report['date']}{' (dry run, CPU)' if args.dry else ''}: {report['gpu']}; "
+          f"python/torch/cuda {report['python_torch_cuda']}")  # fmt: skip
+    for name, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}")
+    if a:
+        print(
+            f"| a | CartPole-v1, 1 rank | solved {a.get('solved')}, eval {a.get('final_eval_mean')}, "
+            f"{a.get('global_env_steps'):,} env steps, {a.get('updates'):,} updates "
+            f"in {a.get('wall_time_s', 0):.1f} s |"
+        )
+    if b:
+        share = ", ".join(f"{k} {v:.0%}" for k, v in b.get("share", {}).items())
+        busy = b.get("gpu_busy_percent")
+        print(
+            f"| b | Pong, 1 rank | acting {b['acting_frames_per_s']:,.0f} frames/s; training "
+            f"{b['training_frames_per_s']:,.0f} frames/s, {b['updates_per_s']:,.0f} updates/s; GPU busy "
+            f"{'n/a' if busy is None else f'{busy:.0f}%'}; iteration: {share} |"
+        )
+    if c:
+        print(
+            f"| c | 2 ranks, one GPU, Gloo | replicas identical {c.get('replicas_identical')}, "
+            f"{c.get('updates'):,} updates in {c.get('wall_time_s', 0):.1f} s |"
+        )
+    print(f"| d | checkpoint across devices | resumed: {resumed} |")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
