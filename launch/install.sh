@@ -12,7 +12,9 @@
 #   MPIRL_TORCH_INDEX   extra index for torch, e.g. https://download.pytorch.org/whl/cu124
 #   MPIRL_EXTRAS        extras of mpirl to install            (default: test)
 #   HOROVOD_GPU_OPERATIONS=NCCL  build horovod with NCCL (set automatically when nvcc
-#                       and nvidia-smi are present; export HOROVOD_GPU_OPERATIONS= to disable)
+#                       and nvidia-smi are present; export HOROVOD_GPU_OPERATIONS= to disable).
+#                       Without it on a CUDA host, GPU collectives go through torch.distributed
+#                       NCCL (mpirl's --backend auto), which every CUDA torch wheel carries.
 #
 # Horovod 0.28.1 (its last release) declares C++14, which torch >= 2.1 cannot compile with;
 # we patch both CMakeLists.txt to C++17, build once with pip wheel and keep the wheel in
@@ -161,6 +163,13 @@ if ! "$py" -c 'import horovod.torch' 2>/dev/null; then
 fi
 "$py" -c 'import horovod.torch as hvd; assert hvd.mpi_built(), "horovod has no MPI"' ||
     die "horovod imports but was not built with MPI; remove $wheel_dir and rerun"
+if [ "$torch_cuda" != cpu ] && [ "$gpu_ops" = none ]; then
+    # A CUDA host without nvcc (the common case with pip's CUDA torch): Horovod serves CPU
+    # tensors only, and a CUDA tensor would crash it at the first allreduce. mpirl's
+    # --backend auto sends CUDA collectives through torch.distributed NCCL instead.
+    say "CUDA torch ($torch_cuda) but no nvcc: Horovod is built for CPU tensors only; GPU collectives will go"
+    say "through torch.distributed NCCL (--backend auto). Check: .venv/bin/python -m mpirl.train --dry-run"
+fi
 
 # --- 6. mpirl itself ----------------------------------------------------------------
 target="$repo"
