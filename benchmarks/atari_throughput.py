@@ -24,10 +24,11 @@ FRAME_SKIP = 4
 
 def _run(np: int, steps_per_rank: int, training: bool) -> dict:
     steps = steps_per_rank * np
-    # Training: updates start at once (after one batch); acting: they never start.
-    warmup = 64 if training else steps_per_rank + 1
-    s = run_mpirl(np, ["--config", PRESET, "--env", "ALE/Pong-v5", "--total-env-steps", str(steps),
-                       "--learning-starts-per-rank", str(warmup), "--buffer-size-per-rank", str(steps_per_rank + 1),
+    # Training: updates start at once (after one batch); acting: a training phase is never due
+    # (mpirl refuses a warm-up as long as the budget: such a run could never update).
+    no_training = [] if training else ["--train-every", str(10**9)]
+    s = run_mpirl(np, ["--config", PRESET, "--env", "ALE/Pong-v5", "--total-env-steps", str(steps), *no_training,
+                       "--learning-starts-per-rank", "64", "--buffer-size-per-rank", str(steps_per_rank + 1),
                        "--eval-interval", "0", "--final-eval-episodes", "0", "--log-interval", str(steps),
                        "--checkpoint-interval", "0", "--no-checkpoint-replay"], timeout=1800)  # fmt: skip
     wall = s["wall_time_s"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on older clusters only
     import tomli as tomllib
+
+
+MAX_SEED = 2**31 - 10_000_000  # room for every env's and evaluation's offset (see validate)
+MAX_N_STEP = 255  # replay stores the step count of a transition in a uint8
 
 
 class ConfigError(ValueError):
@@ -184,6 +189,18 @@ class Config:
     # --- validation ------------------------------------------------------------------
     def validate(self) -> Config:
         """Raise ConfigError for any bad value or combination; return self."""
+        self._check_values()
+        self._check_combinations()
+        return self
+
+    def _check_values(self) -> None:
+        """Each option on its own: finite, in range, of a usable sign."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # inf or NaN in any float (--lr inf applied one update, then stopped; --max-grad-norm
+            # nan switched clipping off without a word)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value}")
         positive = (
             "num_envs_per_rank", "total_env_steps", "eval_episodes", "buffer_size_per_rank",
             "batch_size_per_rank", "n_step", "train_every", "gradient_steps",
@@ -202,29 +219,27 @@ class Config:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            # env i of rank r is seeded seed + r * envs + i, evaluations seed + 2,000,000 + i: all
+            # must stay valid seeds for numpy, torch and gymnasium
+            raise ConfigError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.n_step > MAX_N_STEP:
+            raise ConfigError(f"--n-step must be at most {MAX_N_STEP} (stored in one byte), got {self.n_step}")
         if not self.env_id.strip():
             raise ConfigError("--env must name a gymnasium environment id")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
-        if not self.lr > 0.0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not self.adam_eps > 0.0:
-            raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
-        for name in ("eps_start", "eps_end"):
+        for name in ("gamma", "eps_start", "eps_end", "sticky_actions", "per_alpha", "per_beta0"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.sticky_actions <= 1.0:
-            raise ConfigError(f"--sticky-actions must be in [0, 1], got {self.sticky_actions}")
-        if not 0.0 <= self.per_alpha <= 1.0:
-            raise ConfigError(f"--per-alpha must be in [0, 1], got {self.per_alpha}")
-        if not 0.0 <= self.per_beta0 <= 1.0:
-            raise ConfigError(f"--per-beta0 must be in [0, 1], got {self.per_beta0}")
-        if not self.per_eps > 0.0:
-            raise ConfigError(f"--per-eps must be positive, got {self.per_eps}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
+        for name in ("lr", "adam_eps", "per_eps"):
+            if not getattr(self, name) > 0.0:
+                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
+
+    def _check_combinations(self) -> None:
+        """Options that are fine alone but cannot work together."""
         if self.buffer_size_per_rank < self.batch_size_per_rank:
             raise ConfigError(
                 f"--buffer-size-per-rank ({self.buffer_size_per_rank}) is smaller than "
@@ -240,13 +255,42 @@ class Config:
                 f"--learning-starts-per-rank ({self.learning_starts_per_rank}) exceeds "
                 f"--buffer-size-per-rank ({self.buffer_size_per_rank})"
             )
+        if self.learning_starts_per_rank // self.num_envs_per_rank < self.n_step:
+            # each env needs n steps before its first n-step transition: the replay would still
+            # be empty when the first update samples it
+            raise ConfigError(
+                f"--learning-starts-per-rank ({self.learning_starts_per_rank}) gives each of the "
+                f"{self.num_envs_per_rank} envs fewer steps than --n-step ({self.n_step}) before the first update"
+            )
         if self.sync_every > 1 and self.fp16_allreduce:
             # fp16 compresses the gradient allreduce, which local SGD does not issue; averaging the
             # weights themselves in fp16 would round them at every sync point.
             raise ConfigError("--fp16-allreduce compresses gradients, which --sync-every > 1 does not allreduce")
-        if self.target_return is not None and self.target_return != self.target_return:
-            raise ConfigError("--target-return is NaN")
-        return self
+
+    def resume_conflicts(self, stored: dict[str, Any], same_world: bool) -> list[str]:
+        """The options whose change would make a checkpoint's replay mean something else (n-step
+        returns discounted with another gamma, clipped or not, ...), as "--flag: checkpoint X,
+        this run Y"; empty when resuming with this config is safe."""
+        out = []
+        names = ["n_step", "gamma", "prioritized", "frame_stack", "clip_rewards", "terminal_on_life_loss"]
+        if self.prioritized:
+            names.append("per_alpha")  # stored priorities are |TD|^alpha
+        if same_world:
+            names.append("num_envs_per_rank")  # env shards, n-step queues and counters per env
+        for name in names:
+            if name in stored and stored[name] != self.to_dict()[name]:
+                out.append(f"{_flag(name)}: checkpoint {stored[name]}, this run {self.to_dict()[name]}")
+        theirs = stored.get("buffer_size_per_rank", 0)
+        if isinstance(theirs, int) and self.buffer_size_per_rank < theirs:
+            out.append(f"--buffer-size-per-rank: checkpoint {theirs}, this run {self.buffer_size_per_rank} (smaller)")
+        return out
+
+    def check_world(self, world_size: int) -> None:
+        """What depends on the job's size: ConfigError when no rank could ever update."""
+        if self.total_env_steps // world_size <= self.learning_starts_per_rank:
+            per_rank, starts = self.total_env_steps // world_size, self.learning_starts_per_rank
+            raise ConfigError(f"--total-env-steps over {world_size} rank(s) is {per_rank} env steps per rank, not more "
+                              f"than --learning-starts-per-rank ({starts}): the run could never update")  # fmt: skip
 
 
 # --- CLI and TOML --------------------------------------------------------------------

@@ -14,8 +14,7 @@ The learning rate follows ``--lr-scaling`` (default: unchanged). Only gradients 
 metric scalars travel between ranks; all ranks apply the same averaged gradient and so hold
 identical weights after every update.
 
-Every rank runs the same code and issues the same collectives in the same order; each is
-tagged ``# HVD:`` (Horovod) or ``# MPI:`` (mpi4py, through mpirl.dist) where it is called.
+Every rank issues the same collectives in the same order, each tagged ``# HVD:``/``# MPI:`` here.
 """
 
 from __future__ import annotations
@@ -109,6 +108,7 @@ def fit(cfg: Config) -> Summary:
             f"this job has {ctx.size} rank(s), {cfg.expect_world_size} expected: the launcher and MPI did not "
             "wire up (with srun, pick the PMI your MPI was built with, e.g. srun --mpi=pmix)"
         )
+    cfg.check_world(ctx.size)  # the same on every rank
 
     # 2. Run directory, collector, learner and what to resume from: rank 0 decides, all learn it.
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
@@ -119,7 +119,7 @@ def fit(cfg: Config) -> Summary:
     state = RunState(counters, loss_sum=torch.zeros((), device=ctx.device))
     run = Run(cfg, ctx, info, run_dir, collector, learner, state, target)
     resume = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
-        lambda: _find_resume(cfg, run_dir, info), name="mpirl.resume", errors=checkpoint.CheckpointError
+        lambda: _find_resume(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
     )
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
@@ -206,9 +206,9 @@ def _train_loop(run: Run, stop: StopFlag) -> None:
                 break
 
 
-def _find_resume(cfg: Config, run_dir: str, info: envs.EnvInfo) -> Optional[StoredCheckpoint]:
-    """Rank 0: the checkpoint to resume from (None for a fresh start), checked against this
-    run; CheckpointError naming what does not fit."""
+def _find_resume(cfg: Config, run_dir: str, info: envs.EnvInfo, world_size: int) -> Optional[StoredCheckpoint]:
+    """Rank 0: the checkpoint to resume from (None for a fresh start), checked against this run
+    before anything in the run directory is touched; CheckpointError naming what does not fit."""
     if not cfg.resume:
         return None
     path = checkpoint.latest(run_dir) if cfg.resume == "auto" else cfg.resume
@@ -225,6 +225,7 @@ def _find_resume(cfg: Config, run_dir: str, info: envs.EnvInfo) -> Optional[Stor
         )
         if theirs != ours
     ]
+    mismatch += cfg.resume_conflicts(h.config, same_world=stored.world_size == world_size)
     if mismatch:
         raise checkpoint.CheckpointError(f"{path} does not fit this run: {'; '.join(mismatch)}")
     return stored
@@ -243,9 +244,8 @@ def _restore(run: Run, stored: StoredCheckpoint) -> None:
     dist.rank0_decides(load, name="mpirl.resume.load", errors=checkpoint.CheckpointError)  # HVD: agree it loaded
     learner.adopt_root_state(stored.optimizer_has_state, stored.header.updates)  # HVD: broadcasts
     c, saved = run.state.counters, stored.header.counters
-    if stored.world_size == ctx.size and saved.steps_per_iter != c.steps_per_iter:
-        raise ConfigError("--num-envs-per-rank differs from the checkpoint's; keep it to resume exactly")
-    # The saved counters, in place (this run keeps its own steps_per_iter, checked above).
+    # The saved counters, in place (this run keeps its own steps_per_iter; _find_resume refused
+    # another --num-envs-per-rank at the same world size).
     c.global_env_steps, c.iteration, c.eval_round = saved.global_env_steps, saved.iteration, saved.eval_round
     c.last_eval, c.warmup_from = saved.last_eval, saved.warmup_from
     rows = stored.shard_rows

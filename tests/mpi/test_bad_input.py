@@ -52,6 +52,14 @@ CASES = [
     # files
     (["--config", "/nonexistent/run.toml"], "config file not found: /nonexistent/run.toml"),
     (["--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
+    # non-finite and out-of-range values
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must be in [0, 2137483648], got -1"),
+    (["--seed", str(2**70)], f"--seed must be in [0, 2137483648], got {2**70}"),
+    (["--n-step", "300", "--learning-starts-per-rank", "4000"], "--n-step must be at most 255"),
+    (["--n-step", "200"], "fewer steps than --n-step (200) before the first update"),
+    (["--total-env-steps", "2000", "--learning-starts-per-rank", "1000"], "the run could never update"),
     # backends and devices
     (["--backend", "mpi"], "--backend must be one of auto, horovod, torch, gloo, nccl"),
     (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs CUDA tensors"),

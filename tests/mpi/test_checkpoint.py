@@ -183,3 +183,17 @@ def test_kill_9_during_checkpointing_leaves_latest_loadable_and_resumable(tmp_pa
     res = _train(run, steps + 800, "--resume", "auto")
     assert "exact resume" in res.stdout
     assert json.loads((run / "summary.json").read_text())["global_env_steps"] == steps + 800
+
+
+def test_resume_that_changes_the_replays_meaning_is_refused_and_touches_nothing(tmp_path):
+    """--n-step and --gamma change what the stored n-step returns mean: refused on every rank with
+    exit 2 naming both, before anything in the run directory changes (config.json too)."""
+    run = tmp_path / "run"
+    _train(run, 1600)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "3200", "--run-dir", str(run), "--resume", "auto",
+                  "--n-step", "2", "--gamma", "0.9"], timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("--n-step: checkpoint 3, this run 2" in ln and "--gamma" in ln for ln in lines)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -1,6 +1,7 @@
 """Config: defaults, TOML + flag precedence, validation messages, --help coverage."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -110,3 +111,50 @@ def test_sync_every_default_and_combinations():
     assert Config().sync_every == 1
     assert parse_args(["--sync-every", "16", "--backward-passes-per-step", "2"]).sync_every == 16
     assert parse_args(["--sync-every", "1", "--fp16-allreduce"]).fp16_allreduce  # K = 1 keeps fp16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number"),
+        ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a finite number"),
+        ({"target_return": float("inf")}, "--target-return must be a finite number"),
+        ({"seed": -1}, "--seed must be in [0, "),
+        ({"seed": 2**70}, "--seed must be in [0, "),
+        ({"n_step": 256, "learning_starts_per_rank": 4000}, "--n-step must be at most 255"),
+        ({"n_step": 126}, "fewer steps than --n-step (126)"),  # 1000 // 8 = 125 steps per env
+    ],
+)
+def test_values_that_cannot_work_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**kwargs).validate()
+
+
+def test_bounds_themselves_are_accepted():
+    from mpirl.config import MAX_N_STEP, MAX_SEED
+
+    Config(seed=0).validate()
+    Config(seed=MAX_SEED).validate()
+    Config(n_step=MAX_N_STEP, learning_starts_per_rank=8 * MAX_N_STEP, buffer_size_per_rank=8 * MAX_N_STEP).validate()
+    Config(n_step=125).validate()  # 1000 // 8 = 125 steps per env: just enough
+
+
+def test_a_run_that_could_never_update_is_refused_for_its_world_size():
+    cfg = Config(total_env_steps=4000, learning_starts_per_rank=1000).validate()
+    cfg.check_world(2)  # 2000 env steps per rank
+    with pytest.raises(ConfigError, match="could never update"):
+        cfg.check_world(4)  # exactly 1000 per rank: the warm-up ends with the budget
+
+
+def test_resume_conflicts_name_what_would_change_the_replays_meaning():
+    stored = Config().to_dict()
+    assert Config().resume_conflicts(stored, same_world=True) == []
+    changed = Config(n_step=2, gamma=0.9, prioritized=True, clip_rewards="on", buffer_size_per_rank=50_000)
+    out = changed.resume_conflicts(stored, same_world=True)
+    assert [line.split(":")[0] for line in out] == [
+        "--n-step", "--gamma", "--prioritized", "--clip-rewards", "--buffer-size-per-rank"]  # fmt: skip
+    assert "--n-step: checkpoint 3, this run 2" in out
+    # Safe changes: a larger replay, another learning rate, more envs at another world size.
+    other = Config(buffer_size_per_rank=200_000, lr=1e-3, num_envs_per_rank=16)
+    assert other.resume_conflicts(stored, same_world=False) == []
+    assert other.resume_conflicts(stored, same_world=True) == ["--num-envs-per-rank: checkpoint 8, this run 16"]

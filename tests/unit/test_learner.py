@@ -29,7 +29,8 @@ def ctx(size: int = 1) -> DistContext:
 def make_cfg(**kw) -> Config:
     base = dict(
         hidden_sizes=(8,), batch_size_per_rank=6, learning_starts_per_rank=6, buffer_size_per_rank=16,
-        gamma=GAMMA, lr=LR, adam_eps=ADAM_EPS, max_grad_norm=0.0, tau=0.5, target_update_interval=1, seed=3,
+        num_envs_per_rank=1, gamma=GAMMA, lr=LR, adam_eps=ADAM_EPS, max_grad_norm=0.0, tau=0.5,
+        target_update_interval=1, seed=3,
     )  # fmt: skip
     base.update(kw)
     return Config(**base).validate()
