@@ -9,14 +9,24 @@ every rank learns the path, or raises the same ConfigError, before anything else
     <run_dir>/progress.csv     progress rows
     <run_dir>/checkpoints/     step-<global env steps>.h5 and ``latest`` (mpirl.checkpoint)
     <run_dir>/summary.json     the run's Summary, written at the end
+    <run_dir>/.mpirl-lock      the job that holds the directory (host, pid, SLURM job), while it runs
+
+A run directory belongs to one job at a time: ``create`` takes the lock (an exclusive create,
+which NFS v3+ and Lustre honour) or refuses, naming the holder; the lock is released at the end
+of the run. A lock left by a job that died is taken over when its holder is provably gone: the
+same host and no such process (pid and start time, so a reused pid does not count), or the same
+SLURM job (a requeued job resumes on any node). Otherwise the message says which file to remove
+once that job is known to be gone.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import os
 import shutil
+import socket
 import sys
 from typing import Any
 
@@ -24,6 +34,78 @@ from mpirl import fsutil
 from mpirl.config import Config, ConfigError
 
 PROBE_BYTES = 1 << 20
+LOCK = ".mpirl-lock"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" if unknown): with the pid, it names
+    one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _me() -> dict[str, Any]:
+    pid = os.getpid()
+    since = _dt.datetime.now().isoformat(timespec="seconds")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid), "job": job, "since": since}
+
+
+def _gone(holder: dict[str, Any]) -> bool:
+    """Is the lock's holder provably no longer running, or this very process or SLURM job?"""
+    me = _me()
+    if (holder.get("host"), holder.get("pid"), holder.get("start")) == (me["host"], me["pid"], me["start"]):
+        return True  # this process (fit() called again in one script)
+    if holder.get("job") and holder.get("job") == me["job"]:
+        return True  # the same SLURM job: requeued after a preemption or a node failure
+    if holder.get("host") != me["host"]:
+        return False  # another host's process: cannot tell from here
+    pid = int(holder.get("pid", -1))
+    return pid <= 0 or _start_time(pid) != str(holder.get("start", ""))
+
+
+def lock(path: str) -> None:
+    """Take the run directory for this job; ConfigError naming the holder when another job has it."""
+    target = os.path.join(path, LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(target, encoding="utf-8") as fh:
+                    holder = json.load(fh)
+            except (OSError, ValueError):
+                holder = {}
+            if not isinstance(holder, dict) or not _gone(holder):
+                who = ", ".join(f"{k} {holder.get(k)}" for k in ("host", "pid", "job", "since") if holder.get(k))
+                raise ConfigError(
+                    f"run directory {path} is in use by another job ({who or 'unreadable lock'}); wait for it, or "
+                    f"remove {target} once that job is gone"
+                ) from None
+            os.remove(target)  # the holder is gone: take over
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_me(), fh)
+        # Released at the end of the run (write_summary), or at any interpreter exit (an agreed
+        # error's exit 2, 3 or 4); an abort leaves it, and the next run takes it over (_gone).
+        atexit.register(unlock, path)
+        return
+    raise ConfigError(f"run directory {path}: another job took {target} at the same moment")
+
+
+def unlock(path: str) -> None:
+    """Release the run directory, if this process holds it."""
+    target = os.path.join(path, LOCK)
+    try:
+        with open(target, encoding="utf-8") as fh:
+            holder = json.load(fh)
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            os.remove(target)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def default_path(cfg: Config) -> str:
@@ -58,11 +140,12 @@ def probe_writable(path: str) -> None:
 
 
 def create(cfg: Config, path: str, checkpoint_bytes: int) -> None:
-    """Create and probe the run directory and write config.json; warn (stderr) when the file
-    system has less room than one checkpoint of ``checkpoint_bytes`` (an upper bound with full
-    replay buffers). ConfigError when the directory cannot be used."""
+    """Create, lock and probe the run directory and write config.json; warn (stderr) when the
+    file system has less room than one checkpoint of ``checkpoint_bytes`` (an upper bound with
+    full replay buffers). ConfigError when the directory cannot be used or another job holds it."""
     try:
         os.makedirs(path, exist_ok=True)
+        lock(path)  # before anything is written into it
         probe_writable(path)
         fsutil.write_text_atomic(os.path.join(path, "config.json"), json.dumps(cfg.to_dict(), indent=2))
         free = shutil.disk_usage(path).free
@@ -78,8 +161,10 @@ def create(cfg: Config, path: str, checkpoint_bytes: int) -> None:
 
 
 def write_summary(path: str, summary: dict[str, Any]) -> None:
-    """summary.json; a full disk only warns: it must not turn a finished run into a crash."""
+    """summary.json, then release the run directory; a full disk only warns: it must not turn a
+    finished run into a crash."""
     try:
         fsutil.write_text_atomic(os.path.join(path, "summary.json"), json.dumps(summary, indent=2))
     except OSError as exc:
         print(f"mpirl: warning: summary.json not written: {exc}", file=sys.stderr, flush=True)
+    unlock(path)

@@ -140,3 +140,31 @@ def test_disk_filling_up_keeps_previous_checkpoint_and_fails_the_end(tiny_fs):
     path = _latest_loads(run)
     assert int(h5py.File(path, "r").attrs["global_env_steps"]) < 60000
     assert "mpirl: done: CartPole-v1, 2 rank(s), 60,000 env steps" in res.stdout  # training went on
+
+
+def test_two_jobs_on_one_run_dir_the_second_is_refused_then_takes_over_a_dead_one(tmp_path):
+    """A run directory belongs to one job: a second job started on it while the first runs stops
+    at once (exit 2 on every rank, naming the holder's host and pid) and writes nothing there; once
+    the first is killed (its lock left behind), a resume takes the directory over."""
+    run = tmp_path / "run"
+    first = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run), "--checkpoint-interval", "2000"])
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists():
+            assert time.monotonic() < deadline and first.poll() is None, "the first job did not checkpoint"
+            time.sleep(0.2)
+        config = (run / "config.json").read_bytes()
+        second = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "400000", "--run-dir", str(run),
+                         "--resume", "auto"], timeout=120)  # fmt: skip
+        assert second.returncode == 2, second.output[-3000:]
+        lines = [ln for ln in second.stderr.splitlines() if ln.startswith("mpirl: error:")]
+        assert len(lines) == 2 and all("is in use by another job (host" in ln for ln in lines), second.stderr[-2000:]
+        assert (run / "config.json").read_bytes() == config and first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    latest = int((run / "checkpoints" / "latest").read_text().strip()[len("step-") : -len(".h5")])
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", str(latest + 800), "--run-dir", str(run),
+                  "--resume", "auto"], timeout=180)  # fmt: skip
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.output[-3000:]
+    assert not (run / ".mpirl-lock").exists()  # released at the end
