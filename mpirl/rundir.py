@@ -114,15 +114,47 @@ def default_path(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.env_id.replace('/', '_')}-s{cfg.seed}-{stamp}")
 
 
+# What a run writes into its directory (with --overwrite, an old run's are moved aside).
+RUN_FILES = ("config.json", "metrics.jsonl", "progress.csv", "summary.json", "tb", "checkpoints")
+
+
 def choose(cfg: Config) -> str:
     """The run directory's absolute path (nothing is created yet). ConfigError when it already
-    holds a run and neither --overwrite nor --resume says to reuse it."""
+    holds a run and neither --overwrite nor --resume says to reuse it, or when it holds files
+    that are not a run's and --overwrite does not say to write among them."""
     path = os.path.abspath(cfg.run_dir or default_path(cfg))
     if os.path.exists(os.path.join(path, "config.json")) and not (cfg.overwrite or cfg.resume):
         raise ConfigError(
             f"run directory {path} already holds a run; pass --overwrite, --resume auto or another --run-dir"
         )
+    try:
+        entries = sorted(e for e in os.listdir(path) if e != LOCK and not e.startswith(".overwritten-"))
+    except OSError:  # none yet (or not a folder: create says so)
+        entries = []
+    if entries and "config.json" not in entries and not cfg.overwrite:
+        raise ConfigError(
+            f"run directory {path} holds files that are not an mpirl run's ({', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite to write among them, or another --run-dir"
+        )
     return path
+
+
+def _start_clean(cfg: Config, path: str) -> None:
+    """After the lock: remove temporaries an interrupted write left (only this job writes here
+    now), and with --overwrite (not --resume) move an old run's files aside, so that its
+    checkpoints, metrics and ``latest`` never mix with the new run's; nothing is deleted."""
+    folder = os.path.join(path, "checkpoints")
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+    old = [e for e in RUN_FILES if os.path.exists(os.path.join(path, e))]
+    if cfg.overwrite and not cfg.resume and old:
+        aside = os.path.join(path, f".overwritten-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+        os.makedirs(aside)
+        for name in old:
+            os.replace(os.path.join(path, name), os.path.join(aside, name))
+        print(f"mpirl: --overwrite: the previous run's files were moved to {aside}", file=sys.stderr, flush=True)
 
 
 def probe_writable(path: str) -> None:
@@ -146,6 +178,7 @@ def create(cfg: Config, path: str, checkpoint_bytes: int) -> None:
     try:
         os.makedirs(path, exist_ok=True)
         lock(path)  # before anything is written into it
+        _start_clean(cfg, path)
         probe_writable(path)
         fsutil.write_text_atomic(os.path.join(path, "config.json"), json.dumps(cfg.to_dict(), indent=2))
         free = shutil.disk_usage(path).free

@@ -70,3 +70,59 @@ def test_an_unreadable_lock_is_refused(tmp_path):
     (tmp_path / rundir.LOCK).write_text("")
     with pytest.raises(ConfigError, match="unreadable lock"):
         rundir.lock(str(tmp_path))
+
+
+def _cfg(tmp_path, **kw):
+    from mpirl.config import Config
+
+    return Config(run_dir=str(tmp_path / "run"), **kw)
+
+
+def test_a_folder_of_someone_elses_files_is_refused_without_overwrite(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")  # the user's own file, not a run
+    with pytest.raises(ConfigError, match=r"holds files that are not an mpirl run's \(summary.json\)"):
+        rundir.choose(_cfg(tmp_path))
+    assert rundir.choose(_cfg(tmp_path, overwrite=True)) == str(run)
+    (run / "summary.json").unlink()
+    (run / rundir.LOCK).write_text("{}")  # only a lock: an empty run directory
+    assert rundir.choose(_cfg(tmp_path)) == str(run)
+
+
+def test_overwrite_moves_the_old_run_aside_and_stale_temporaries_go(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "progress.csv", "summary.json"):
+        (run / name).write_text("old")
+    (run / "checkpoints" / "step-000000099000.h5").write_text("old run's checkpoint")
+    (run / "checkpoints" / "latest").write_text("step-000000099000.h5\n")
+    (run / "checkpoints" / "step-000000100000.h5.tmp").write_text("an interrupted write")
+    (run / "notes.txt").write_text("the user's")
+    rundir.create(_cfg(tmp_path, overwrite=True), str(run), checkpoint_bytes=0)
+    try:
+        aside = [p for p in run.iterdir() if p.name.startswith(".overwritten-")]
+        assert len(aside) == 1
+        moved = aside[0]
+        assert (moved / "checkpoints" / "step-000000099000.h5").read_text() == "old run's checkpoint"
+        assert not (moved / "checkpoints" / "step-000000100000.h5.tmp").exists()  # removed, not kept
+        assert (moved / "metrics.jsonl").read_text() == "old" and not (run / "metrics.jsonl").exists()
+        assert not (run / "checkpoints").exists() and (run / "notes.txt").read_text() == "the user's"
+        assert json.loads((run / "config.json").read_text())["overwrite"] is True  # the new run's
+    finally:
+        rundir.unlock(str(run))
+
+
+def test_resume_keeps_the_run_and_only_drops_temporaries(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints" / "step-000000001000.h5").write_text("ckpt")
+    (run / "checkpoints" / "latest.tmp").write_text("half")
+    rundir.create(_cfg(tmp_path, resume="auto", overwrite=True), str(run), checkpoint_bytes=0)
+    try:
+        assert (run / "checkpoints" / "step-000000001000.h5").exists()
+        assert not (run / "checkpoints" / "latest.tmp").exists()
+        assert not [p for p in run.iterdir() if p.name.startswith(".overwritten-")]
+    finally:
+        rundir.unlock(str(run))
