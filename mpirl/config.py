@@ -200,7 +200,7 @@ class Config:
             # inf or NaN in any float (--lr inf applied one update, then stopped; --max-grad-norm
             # nan switched clipping off without a word)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value}")
+                raise ConfigError(f"{option_flag(f.name)} must be a finite number, got {value}")
         positive = (
             "num_envs_per_rank", "total_env_steps", "eval_episodes", "buffer_size_per_rank",
             "batch_size_per_rank", "n_step", "train_every", "gradient_steps",
@@ -210,7 +210,7 @@ class Config:
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{option_flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = (
             "eval_interval", "final_eval_episodes", "learning_starts_per_rank", "eps_decay_steps",
             "per_beta_steps", "torch_threads", "max_grad_norm", "checkpoint_interval", "keep_checkpoints",
@@ -218,7 +218,7 @@ class Config:
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{option_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed <= MAX_SEED:
             # env i of rank r is seeded seed + r * envs + i, evaluations seed + 2,000,000 + i: all
             # must stay valid seeds for numpy, torch and gymnasium
@@ -229,12 +229,12 @@ class Config:
             raise ConfigError("--env must name a gymnasium environment id")
         for name in ("gamma", "eps_start", "eps_end", "sticky_actions", "per_alpha", "per_beta0"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{option_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.tau <= 1.0:
             raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
         for name in ("lr", "adam_eps", "per_eps"):
             if not getattr(self, name) > 0.0:
-                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{option_flag(name)} must be positive, got {getattr(self, name)}")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
 
@@ -267,36 +267,12 @@ class Config:
             # weights themselves in fp16 would round them at every sync point.
             raise ConfigError("--fp16-allreduce compresses gradients, which --sync-every > 1 does not allreduce")
 
-    def resume_conflicts(self, stored: dict[str, Any], same_world: bool) -> list[str]:
-        """The options whose change would make a checkpoint's replay mean something else (n-step
-        returns discounted with another gamma, clipped or not, ...), as "--flag: checkpoint X,
-        this run Y"; empty when resuming with this config is safe."""
-        out = []
-        names = ["n_step", "gamma", "prioritized", "frame_stack", "clip_rewards", "terminal_on_life_loss"]
-        if self.prioritized:
-            names.append("per_alpha")  # stored priorities are |TD|^alpha
-        if same_world:
-            names.append("num_envs_per_rank")  # env shards, n-step queues and counters per env
-        for name in names:
-            if name in stored and stored[name] != self.to_dict()[name]:
-                out.append(f"{_flag(name)}: checkpoint {stored[name]}, this run {self.to_dict()[name]}")
-        theirs = stored.get("buffer_size_per_rank", 0)
-        if isinstance(theirs, int) and self.buffer_size_per_rank < theirs:
-            out.append(f"--buffer-size-per-rank: checkpoint {theirs}, this run {self.buffer_size_per_rank} (smaller)")
-        return out
-
-    def check_world(self, world_size: int) -> None:
-        """What depends on the job's size: ConfigError when no rank could ever update."""
-        if self.total_env_steps // world_size <= self.learning_starts_per_rank:
-            per_rank, starts = self.total_env_steps // world_size, self.learning_starts_per_rank
-            raise ConfigError(f"--total-env-steps over {world_size} rank(s) is {per_rank} env steps per rank, not more "
-                              f"than --learning-starts-per-rank ({starts}): the run could never update")  # fmt: skip
-
 
 # --- CLI and TOML --------------------------------------------------------------------
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """The command-line flag of a Config field, e.g. --num-envs-per-rank."""
     f = Config.__dataclass_fields__[name]
     return "--" + f.metadata.get("flag", name).replace("_", "-")
 
@@ -314,7 +290,7 @@ def _coerce(name: str, raw: Any) -> Any:
     """Turn a CLI string or TOML value into the field's type, or raise ConfigError."""
     f = Config.__dataclass_fields__[name]
     tp = _base_type(f)
-    flag = _flag(name)
+    flag = option_flag(name)
     try:
         if name == "target_return":
             if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "auto", "")):
@@ -405,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="TOML", default=None, help="read options from a TOML file; flags override it")
     for f in dataclasses.fields(Config):
-        flag = _flag(f.name)
+        flag = option_flag(f.name)
         tp = _base_type(f)
         default = f.default
         if isinstance(default, tuple):

@@ -327,6 +327,14 @@ def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     return float(out[0]), float(-out[1])
 
 
+def allgather_object(obj: Any) -> list[Any]:
+    """Collective: every rank's small picklable ``obj``, in rank order, on every rank. Objects
+    may differ in size between ranks (it runs before anything assumes they agree)."""
+    if _alone():
+        return [obj]
+    return _B.allgather_object(obj)  # MPI: allgather (small)
+
+
 def gather_to_root(obj: Any) -> list[Any]:
     """Collective: rank 0 gets every rank's small picklable ``obj`` in rank order; others []."""
     if _alone():

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, model, rundir
+from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, rundir
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
@@ -97,18 +97,13 @@ def fit(cfg: Config) -> Summary:
     any collective that could hang. Returns the run's Summary (global figures, identical on
     every rank).
     """
-    # 1. Options and env, checked on every rank alike before MPI could hang on them.
+    # 1. Options and env, checked on every rank alike before MPI could hang on them; then agreed.
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
-    if cfg.expect_world_size and ctx.size != cfg.expect_world_size:
-        # Every process sees the same size, so all raise alike (N singletons raise on their own).
-        raise ConfigError(
-            f"this job has {ctx.size} rank(s), {cfg.expect_world_size} expected: the launcher and MPI did not "
-            "wire up (with srun, pick the PMI your MPI was built with, e.g. srun --mpi=pmix)"
-        )
-    cfg.check_world(ctx.size)  # the same on every rank
+    jobcheck.same_everywhere(cfg, dist.allgather_object(cfg.to_dict()))  # MPI: every rank's options, first
+    jobcheck.world(cfg, ctx.size)  # the same options and size on every rank: all raise alike
 
     # 2. Run directory, collector, learner and what to resume from: rank 0 decides, all learn it.
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
@@ -225,7 +220,7 @@ def _find_resume(cfg: Config, run_dir: str, info: envs.EnvInfo, world_size: int)
         )
         if theirs != ours
     ]
-    mismatch += cfg.resume_conflicts(h.config, same_world=stored.world_size == world_size)
+    mismatch += jobcheck.resume_conflicts(cfg, h.config, same_world=stored.world_size == world_size)
     if mismatch:
         raise checkpoint.CheckpointError(f"{path} does not fit this run: {'; '.join(mismatch)}")
     return stored

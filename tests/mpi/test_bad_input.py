@@ -2,9 +2,10 @@
 mpirun returns (no hang), and nothing is created for the rejected run."""
 
 import os
+import sys
 
 import pytest
-from mpi_launch import mpirun
+from mpi_launch import MPIRUN, mpirun, run
 
 pytestmark = pytest.mark.mpi
 
@@ -119,3 +120,19 @@ def test_horovod_without_gpu_operations_refuses_cuda_at_start(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
     assert len(lines) == 2 and all("built without GPU operations" in ln and "--backend torch" in ln for ln in lines)
     assert "ReadyEvent" not in res.output and not run_dir.exists()
+
+
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_ranks_started_with_different_options_stop_on_every_rank(tmp_path, backend):
+    """An MPMD launch (or a rank given other flags) used to hang or crash in a Horovod shape
+    error: the ranks now compare their options first and all stop, naming the ones that differ."""
+    run_dir = tmp_path / "r"
+    common = ["-m", "mpi4py", "-m", "mpirl.train", "--run-dir", str(run_dir), "--backend", backend]
+    py = sys.executable
+    cmd = [MPIRUN, "-np", "1", "--oversubscribe", py, *common, "--hidden-sizes", "32,32", ":",
+           "-np", "1", "--oversubscribe", py, *common, "--hidden-sizes", "64", "--seed", "7"]  # fmt: skip
+    res = run(cmd, timeout=90)
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("different options (--hidden-sizes, --seed)" in ln for ln in lines), lines
+    assert not run_dir.exists()

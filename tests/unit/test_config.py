@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from mpirl import jobcheck
 from mpirl.config import Config, ConfigError, build_parser, parse_args
 
 
@@ -141,20 +142,28 @@ def test_bounds_themselves_are_accepted():
 
 def test_a_run_that_could_never_update_is_refused_for_its_world_size():
     cfg = Config(total_env_steps=4000, learning_starts_per_rank=1000).validate()
-    cfg.check_world(2)  # 2000 env steps per rank
+    jobcheck.world(cfg, 2)  # 2000 env steps per rank
     with pytest.raises(ConfigError, match="could never update"):
-        cfg.check_world(4)  # exactly 1000 per rank: the warm-up ends with the budget
+        jobcheck.world(cfg, 4)  # exactly 1000 per rank: the warm-up ends with the budget
 
 
 def test_resume_conflicts_name_what_would_change_the_replays_meaning():
     stored = Config().to_dict()
-    assert Config().resume_conflicts(stored, same_world=True) == []
+    assert jobcheck.resume_conflicts(Config(), stored, same_world=True) == []
     changed = Config(n_step=2, gamma=0.9, prioritized=True, clip_rewards="on", buffer_size_per_rank=50_000)
-    out = changed.resume_conflicts(stored, same_world=True)
+    out = jobcheck.resume_conflicts(changed, stored, same_world=True)
     assert [line.split(":")[0] for line in out] == [
         "--n-step", "--gamma", "--prioritized", "--clip-rewards", "--buffer-size-per-rank"]  # fmt: skip
     assert "--n-step: checkpoint 3, this run 2" in out
     # Safe changes: a larger replay, another learning rate, more envs at another world size.
     other = Config(buffer_size_per_rank=200_000, lr=1e-3, num_envs_per_rank=16)
-    assert other.resume_conflicts(stored, same_world=False) == []
-    assert other.resume_conflicts(stored, same_world=True) == ["--num-envs-per-rank: checkpoint 8, this run 16"]
+    assert jobcheck.resume_conflicts(other, stored, same_world=False) == []
+    same = jobcheck.resume_conflicts(other, stored, same_world=True)
+    assert same == ["--num-envs-per-rank: checkpoint 8, this run 16"]
+
+
+def test_ranks_started_with_different_options_are_named():
+    a, b = Config().to_dict(), Config(seed=2, hidden_sizes=(64,)).to_dict()
+    jobcheck.same_everywhere(Config(), [a, dict(a)])
+    with pytest.raises(ConfigError, match=r"different options \(--hidden-sizes, --seed\)"):
+        jobcheck.same_everywhere(Config(), [a, b])
