@@ -318,8 +318,11 @@ def open_checked(path: str) -> h5py.File:
 def summary(path: str) -> dict[str, Any]:
     """A checkpoint's facts, for ``python -m mpirl.inspect``: its header (as read by
     ``read_header``) and, per rank, the saved replay's size and ring state."""
-    stored = read_header(path)
     with open_checked(path) as f:
+        try:
+            stored = _read_header(path, f)  # the same open file: one open, one validation
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed header ({type(exc).__name__}: {exc})") from None
         shards = []
         for r in sorted(f["ranks"], key=int):
             g = f["ranks"][r]

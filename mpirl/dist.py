@@ -190,7 +190,7 @@ def init(device: str = "auto", torch_threads: int = 0, backend: str = "auto") ->
         if kind == "horovod":
             from mpirl.dist_horovod import HorovodBackend
 
-            _B = HorovodBackend(several_ranks=True, device=torch.device("cuda" if cuda else "cpu"))
+            _B = HorovodBackend(device=torch.device("cuda" if cuda else "cpu"))
         else:
             from mpirl.dist_torch import TorchBackend
 
@@ -368,10 +368,11 @@ def abort(code: int = 1) -> None:
     end the others); a plain process just exits."""
     sys.stderr.flush()
     sys.stdout.flush()
-    if "mpi4py.MPI" in sys.modules:
-        from mpirl.dist_horovod import abort_world
+    if "mpi4py.MPI" in sys.modules:  # MPI is up (Horovod, or torch launched by mpirun/srun)
+        from mpi4py import MPI
 
-        abort_world(code)
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
     os._exit(code)
 
 

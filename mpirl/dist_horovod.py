@@ -9,7 +9,7 @@ rank must issue the same names in the same order (mpirl's names start with ``mpi
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,19 +46,18 @@ class HorovodBackend:
 
     name = "horovod"
 
-    def __init__(self, several_ranks: bool, device: torch.device) -> None:
+    def __init__(self, device: torch.device) -> None:
         # Importing mpi4py initialises MPI with MPI_THREAD_MULTIPLE, which Horovod's background
         # thread needs; hvd.init() below then reuses that MPI.
         import horovod.torch as hvd
         from mpi4py import MPI
 
-        if several_ranks:
-            # DQN sends a small gradient (~0.3 MB) every update, so allreduce latency is what counts.
-            # Horovod's default 1 ms cycle put a ~1.1 ms floor under every allreduce (raw MPI: 60 us
-            # at 256 KiB); 0.05 ms took 2 ranks from ~2,100 to ~3,100 env steps/s here, while it
-            # slowed a single rank down, hence only with several (benchmarks/allreduce.py,
-            # throughput.py). A user's own HOROVOD_CYCLE_TIME wins.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
+        # DQN sends a small gradient (~0.3 MB) every update, so allreduce latency is what counts.
+        # Horovod's default 1 ms cycle put a ~1.1 ms floor under every allreduce (raw MPI: 60 us
+        # at 256 KiB); 0.05 ms took 2 ranks from ~2,100 to ~3,100 env steps/s here, while it
+        # slowed a single rank down; this backend only runs with several (benchmarks/allreduce.py,
+        # throughput.py). A user's own HOROVOD_CYCLE_TIME wins.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
         hvd.init()  # HVD: init (collective over the world communicator)
         self.hvd = hvd
         # Our own communicator for point-to-point shard streaming, apart from Horovod's.
@@ -142,13 +141,3 @@ class HorovodGradientSync:
     def step(self) -> None:
         with self.optimizer.skip_synchronize():
             self.optimizer.step()
-
-
-def abort_world(code: int) -> Optional[bool]:
-    """MPI_Abort on the world communicator, when MPI is up."""
-    from mpi4py import MPI
-
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.COMM_WORLD.Abort(code)
-        return True
-    return None

@@ -46,18 +46,17 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, launcher: str, library: str) -> None:
-        self.comm: Any = None
         if launcher == "mpi":
             # MPI tells rank, size and the node's ranks, and carries rank 0's port to the others.
             from mpi4py import MPI
 
-            self.comm = MPI.COMM_WORLD.Dup()  # MPI: collective
-            rank, size = self.comm.Get_rank(), self.comm.Get_size()
-            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # MPI: the ranks of this node
+            comm = MPI.COMM_WORLD  # used for the rendezvous only
+            rank, size = comm.Get_rank(), comm.Get_size()
+            node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # MPI: the ranks of this node
             local_rank, local_size = node.Get_rank(), node.Get_size()
-            one_node = bool(self.comm.allreduce(local_size == size, op=MPI.LAND))  # MPI: allreduce
+            one_node = bool(comm.allreduce(local_size == size, op=MPI.LAND))  # MPI: allreduce
             root = (_root_address(one_node), _free_port()) if rank == 0 else None
-            addr, port = self.comm.bcast(root, root=0)  # MPI: broadcast (rendezvous only)
+            addr, port = comm.bcast(root, root=0)  # MPI: broadcast (rendezvous only)
             node.Free()
             init = f"tcp://{addr}:{port}"
             tdist.init_process_group(library, init_method=init, rank=rank, world_size=size, timeout=TIMEOUT)
