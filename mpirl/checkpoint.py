@@ -28,22 +28,21 @@ The header's fields are typed records (``mpirl.records``): ``CheckpointHeader`` 
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
 import torch
 
-from mpirl import dist, fsutil, shards
-from mpirl.records import CheckpointHeader, Counters, StoredCheckpoint
+from mpirl import dist, fsutil, integrity, layout, shards
+from mpirl.layout import FORMAT, SCHEMA_VERSION
+from mpirl.records import CheckpointHeader, StoredCheckpoint
 
-FORMAT = "mpirl-checkpoint"
-SCHEMA_VERSION = 1
 SPACE_MARGIN = 256 << 10  # HDF5 metadata and chunk-index overhead beyond the raw bytes (+2%)
 LATEST = "latest"
 
@@ -69,31 +68,6 @@ def library_versions() -> dict[str, str]:
 
 def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
-
-
-def _write_module(group: h5py.Group, module: torch.nn.Module) -> None:
-    for name, t in module.state_dict().items():
-        group.create_dataset(name, data=t.detach().cpu().numpy())
-
-
-def _write_optimizer(group: h5py.Group, optimizer: Any) -> None:
-    sd = optimizer.state_dict()
-    group.attrs["param_groups"] = json.dumps(sd["param_groups"])
-    state = group.create_group("state")
-    for idx, entry in sd["state"].items():
-        g = state.create_group(str(idx))
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                g.create_dataset(key, data=value.detach().cpu().numpy())
-            else:
-                g.attrs[key] = value
-
-
-def _dataset_for(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
-    if shape[0] == 0:
-        return group.create_dataset(name, shape=shape, dtype=dtype)
-    chunks = (shards.chunk_rows(shape, dtype), *shape[1:])
-    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="lzf")
 
 
 def bytes_needed(shard_bytes: int, param_bytes: int) -> int:
@@ -140,7 +114,9 @@ def save(
 
     def write() -> str:  # rank 0 only
         nets = {"online": online, "target": target}
-        _write_as_root(path, ctx.size, header, nets, optimizer, metas, shards.encoded_chunks(arrays), keep)
+        own_digests: dict[str, str] = {}
+        own = shards.encoded_chunks(arrays, own_digests)
+        _write_as_root(path, ctx.size, header, nets, optimizer, metas, (own, own_digests), keep)
         return path
 
     try:
@@ -171,10 +147,11 @@ def _write_as_root(
     nets: dict[str, torch.nn.Module],
     optimizer: Any,
     metas: list[tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]],
-    own: Iterator[list[tuple[str, int, int, bytes]]],
+    own: tuple[Iterator[list[shards.Chunk]], dict[str, str]],
     keep: int,
 ) -> None:
-    """Rank 0: write ``<path>.tmp`` with every rank's chunks as they arrive, then commit it
+    """Rank 0: write ``<path>.tmp`` with every rank's chunks as they arrive (``own``: rank 0's
+    chunks and the dict their checksums fill), seal it with every checksum, then commit it
     atomically. Raises CheckpointError, only after every rank's messages were received (a
     sender is never left blocked), and never leaves the temporary file behind."""
     tmp = path + ".tmp"
@@ -183,11 +160,13 @@ def _write_as_root(
     datasets: dict[tuple[int, str], h5py.Dataset] = {}
     try:
         f = h5py.File(tmp, "w")
-        datasets = _create_layout(f, world_size, header, nets, optimizer, metas)
+        datasets = layout.create(f, world_size, header, nets, optimizer, metas)
     except Exception as exc:  # keep receiving below, or the other ranks would block forever
         error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-    error = shards.receive_into(datasets, own, world_size, error, path)  # MPI: every rank's chunks
+    error, digests = shards.receive_into(datasets, *own, world_size, error, path)  # MPI: every rank's chunks
     try:
+        if f is not None and not error:
+            integrity.seal(f, {datasets[key].name: digest for key, digest in digests.items()})  # written last
         if f is not None:
             f.close()  # flushes: a full disk may only show here
         if not error:
@@ -201,41 +180,6 @@ def _write_as_root(
             except OSError:
                 pass
         raise CheckpointError(error)
-
-
-def _create_layout(
-    f: h5py.File,
-    world_size: int,
-    header: CheckpointHeader,
-    nets: dict[str, torch.nn.Module],
-    optimizer: Any,
-    metas: list[tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]],
-) -> dict[tuple[int, str], h5py.Dataset]:
-    """Write the root attributes, networks and optimizer; create every rank's (empty) shard
-    datasets, returned by (rank, field)."""
-    f.attrs["format"] = FORMAT
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["world_size"] = world_size
-    f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    f.attrs["versions"] = json.dumps(header.versions)
-    f.attrs["global_env_steps"] = header.global_env_steps
-    f.attrs["updates"] = header.updates
-    f.attrs["env_id"] = header.env_id
-    f.attrs["obs_shape"] = np.asarray(header.obs_shape, dtype=np.int64)
-    f.attrs["n_actions"] = header.n_actions
-    f.attrs["config"] = json.dumps(header.config)
-    f.attrs["counters"] = json.dumps(header.counters.to_json())
-    for name, net in nets.items():
-        _write_module(f.create_group(f"model/{name}"), net)
-    _write_optimizer(f.create_group("optimizer"), optimizer)
-    datasets: dict[tuple[int, str], h5py.Dataset] = {}
-    for r, (meta, rank_specs) in enumerate(metas):
-        g = f.create_group(f"ranks/{r}")
-        g.attrs["meta"] = json.dumps(meta)
-        rg = g.create_group("replay")
-        for key, shape, dtype in rank_specs:
-            datasets[(r, key)] = _dataset_for(g if key == "env_state" else rg, key, shape, np.dtype(dtype))
-    return datasets
 
 
 def _commit(tmp: str, path: str, keep: int) -> None:
@@ -281,6 +225,22 @@ def latest(run_dir: str) -> Optional[str]:
 
 
 # --- reading --------------------------------------------------------------------------
+# Nothing read here constructs an object of a type the file names, or decides what to import:
+# attributes are JSON and numbers, datasets are plain arrays (mpirl.envstate reads env state).
+
+
+@contextlib.contextmanager
+def _malformed_is_an_error(path: str) -> Iterator[None]:
+    """Turn what h5py, json and numpy raise on a damaged or forged file into one
+    CheckpointError naming the file, so every reader ends with one line, never a traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except integrity.IntegrityError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is damaged or malformed ({type(exc).__name__}: {exc})") from None
 
 
 def resolve(path: str) -> str:
@@ -293,6 +253,18 @@ def resolve(path: str) -> str:
     return path
 
 
+def newest_first(run_dir: str) -> list[str]:
+    """A run directory's checkpoints, the one ``latest`` names first, then by step, newest first."""
+    folder = checkpoint_dir(run_dir)
+    try:
+        files = sorted((n for n in os.listdir(folder) if n.startswith("step-") and n.endswith(".h5")), reverse=True)
+    except OSError:
+        return []
+    first = latest(run_dir)
+    paths = [os.path.join(folder, n) for n in files]
+    return ([first] if first else []) + [p for p in paths if p != first]
+
+
 def open_checked(path: str) -> h5py.File:
     """Open a checkpoint read-only and check it is one; CheckpointError otherwise."""
     if not os.path.exists(path):
@@ -301,28 +273,38 @@ def open_checked(path: str) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise CheckpointError(f"{path} is not a readable HDF5 file (truncated or corrupted?): {exc}") from None
-    if f.attrs.get("format") != FORMAT:
+    try:
+        with _malformed_is_an_error(path):
+            if layout.attr(f.attrs.get("format")) != FORMAT:
+                raise CheckpointError(f"{path} is an HDF5 file but not an mpirl checkpoint")
+            version = int(f.attrs.get("schema_version", -1))
+            if version > SCHEMA_VERSION or version < 1:
+                raise CheckpointError(f"{path} has schema version {version}; this mpirl reads 1..{SCHEMA_VERSION}")
+            for key in ("model/online", "model/target", "optimizer", "ranks/0"):
+                if key not in f:
+                    raise CheckpointError(f"{path} lacks /{key} (incomplete checkpoint)")
+    except CheckpointError:
         f.close()
-        raise CheckpointError(f"{path} is an HDF5 file but not an mpirl checkpoint")
-    version = int(f.attrs.get("schema_version", -1))
-    if version > SCHEMA_VERSION or version < 1:
-        f.close()
-        raise CheckpointError(f"{path} has schema version {version}; this mpirl reads 1..{SCHEMA_VERSION}")
-    for key in ("model/online", "model/target", "optimizer", "ranks/0"):
-        if key not in f:
-            f.close()
-            raise CheckpointError(f"{path} lacks /{key} (incomplete checkpoint)")
+        raise
     return f
+
+
+def verify(path: str, only: Optional[Sequence[str]] = None) -> tuple[int, int]:
+    """Check a checkpoint against its checksums (all of it, or the objects under the HDF5
+    paths ``only``, e.g. ``["/model/online"]``), reading the stored bytes without
+    decompressing them. Returns (objects checked, stored bytes read); (0, 0) for a schema-1
+    file, which carries none. CheckpointError naming the first damaged object otherwise."""
+    with open_checked(path) as f, _malformed_is_an_error(path):
+        if int(f.attrs["schema_version"]) < 2:
+            return 0, 0
+        return integrity.verify(f, only)
 
 
 def summary(path: str) -> dict[str, Any]:
     """A checkpoint's facts, for ``python -m mpirl.inspect``: its header (as read by
     ``read_header``) and, per rank, the saved replay's size and ring state."""
-    with open_checked(path) as f:
-        try:
-            stored = _read_header(path, f)  # the same open file: one open, one validation
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed header ({type(exc).__name__}: {exc})") from None
+    with open_checked(path) as f, _malformed_is_an_error(path):
+        stored = layout.read_header(path, f)  # the same open file: one open, one validation
         shards = []
         for r in sorted(f["ranks"], key=int):
             g = f["ranks"][r]
@@ -336,11 +318,13 @@ def summary(path: str) -> dict[str, Any]:
                            "env_state_bytes": int(g["env_state"].shape[0]) if "env_state" in g else 0,
                            "replay_state": meta.get("replay", {})})  # fmt: skip
         schema = int(f.attrs["schema_version"])
+        checksums = len(json.loads(f.attrs[integrity.CHECKSUMS])) if integrity.CHECKSUMS in f.attrs else 0
     h = stored.header
     return {
         "path": path,
         "file_bytes": os.path.getsize(path),
         "schema_version": schema,
+        "checksums": checksums,
         "created": stored.created,
         "world_size": stored.world_size,
         "global_env_steps": h.global_env_steps,
@@ -355,49 +339,15 @@ def summary(path: str) -> dict[str, Any]:
     }
 
 
-def _attr(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode()
-    return v
-
-
 def read_header(path: str) -> StoredCheckpoint:
     """Global facts of a checkpoint (small); CheckpointError if it is not a usable one."""
-    with open_checked(path) as f:
-        try:
-            return _read_header(path, f)
-        except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            raise CheckpointError(f"{path}: malformed header ({type(exc).__name__}: {exc})") from None
-
-
-def _read_header(path: str, f: h5py.File) -> StoredCheckpoint:
-    header = CheckpointHeader(
-        global_env_steps=int(f.attrs["global_env_steps"]),
-        updates=int(f.attrs["updates"]),
-        env_id=str(_attr(f.attrs["env_id"])),
-        obs_shape=[int(x) for x in f.attrs["obs_shape"]],
-        n_actions=int(f.attrs["n_actions"]),
-        config=json.loads(f.attrs["config"]),
-        counters=Counters.from_json(json.loads(f.attrs["counters"])),
-        versions=json.loads(f.attrs["versions"]),
-    )
-    return StoredCheckpoint(
-        path=path,
-        header=header,
-        world_size=int(f.attrs["world_size"]),
-        optimizer_has_state=len(f["optimizer/state"]) > 0,
-        shard_rows=[int(f["ranks"][r]["replay"]["actions"].shape[0]) for r in sorted(f["ranks"], key=int)],
-        created=str(_attr(f.attrs.get("created", ""))),
-    )
+    with open_checked(path) as f, _malformed_is_an_error(path):
+        return layout.read_header(path, f)
 
 
 def load_module(path: str, group: str, module: torch.nn.Module) -> None:
     """Load /model/<group> into ``module``; CheckpointError naming the mismatch otherwise."""
-    with open_checked(path) as f:
+    with open_checked(path) as f, _malformed_is_an_error(path):
         g = f["model"][group]
         expected = module.state_dict()
         missing = sorted(set(expected) - set(g))
@@ -406,22 +356,23 @@ def load_module(path: str, group: str, module: torch.nn.Module) -> None:
             raise CheckpointError(f"{path}: network mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
         sd = {}
         for k, t in expected.items():
-            arr = g[k][()]
-            if tuple(arr.shape) != tuple(t.shape):
+            arr = np.asarray(g[k][()])
+            if tuple(arr.shape) != tuple(t.shape) or arr.dtype.kind not in "fiub":
                 raise CheckpointError(
-                    f"{path}: network mismatch at {k}: checkpoint {tuple(arr.shape)}, model {tuple(t.shape)}"
+                    f"{path}: network mismatch at {k}: checkpoint {tuple(arr.shape)} {arr.dtype}, "
+                    f"model {tuple(t.shape)}"
                 )
-            sd[k] = torch.from_numpy(np.asarray(arr))
+            sd[k] = torch.from_numpy(arr)
         module.load_state_dict(sd)
 
 
 def load_optimizer(path: str, optimizer: Any) -> None:
-    with open_checked(path) as f:
+    with open_checked(path) as f, _malformed_is_an_error(path):
         g = f["optimizer"]
         state: dict[int, dict[str, Any]] = {}
         for idx in g["state"]:
             entry: dict[str, Any] = {k: torch.from_numpy(np.asarray(ds[()])) for k, ds in g["state"][idx].items()}
-            entry.update({k: _attr(v) for k, v in g["state"][idx].attrs.items()})
+            entry.update({k: layout.attr(v) for k, v in g["state"][idx].attrs.items()})
             state[int(idx)] = entry
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(g.attrs["param_groups"])})
 

@@ -22,7 +22,9 @@ from mpirl.records import StoredCheckpoint
 def load_policy(path: str, device: str = "cpu") -> tuple[torch.nn.Module, StoredCheckpoint, Config]:
     """The online Q-network of a checkpoint, ready for greedy play, its header and its run's
     options. Nothing stored in the file decides what gets imported: environments of user
-    modules need ``--env-module``, the user's own flag."""
+    modules need ``--env-module``, the user's own flag. The header and the online network are
+    checked against their checksums first (CheckpointError naming a damaged object)."""
+    checkpoint.verify(path, only=["/model/online"])
     stored = checkpoint.read_header(path)
     cfg = Config.from_dict(stored.header.config, source=path)
     h = stored.header

@@ -74,6 +74,7 @@ class StoredCheckpoint:
     optimizer_has_state: bool  # False before the first update (a fresh Adam)
     shard_rows: list[int]  # replay transitions saved per rank, in rank order
     created: str = ""  # ISO 8601 UTC
+    note: str = ""  # how it was chosen and checked (checksums verified, damaged newer files skipped)
 
 
 @dataclass

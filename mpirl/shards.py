@@ -12,12 +12,12 @@ buffer size. Point-to-point messages only, through mpirl.dist (tagged ``# MPI:``
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import h5py
 import numpy as np
 
-from mpirl import dist
+from mpirl import dist, integrity
 
 try:  # LZF in-process, so each rank compresses its own chunks (see _encoded_chunks)
     import lzf as _lzf
@@ -34,18 +34,20 @@ def chunk_rows(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(max(1, min(max(shape[0], 1), (1 << 20) // row_bytes)))
 
 
-def encoded_chunks(arrays: dict[str, Any]) -> Iterator[list[tuple[str, int, int, bytes]]]:
+def encoded_chunks(
+    arrays: dict[str, Any], digests: Optional[dict[str, str]] = None
+) -> Iterator[list[tuple[str, int, int, bytes]]]:
     """This rank's arrays as ready-to-store HDF5 chunks, LZF-compressed here (so every rank
     compresses its own shard, in parallel), in messages of about CHUNK_BYTES raw bytes:
     lists of (name, first_row, filter_mask, data). A chunk LZF cannot shrink is stored raw
     with filter-mask bit 0 set, as HDF5's optional filters do; without python-lzf every chunk
-    is stored raw that way (readable by plain h5py either way)."""
+    is stored raw that way (readable by plain h5py either way). Each array's checksum over
+    its stored chunks (``integrity.ChunkHasher``) goes into ``digests`` once it is encoded."""
     batch: list[tuple[str, int, int, bytes]] = []
     size = 0
     for name, a in arrays.items():
         n = len(a)
-        if n == 0:
-            continue
+        hasher = integrity.ChunkHasher()
         rows = chunk_rows(tuple(a.shape), np.dtype(a.dtype))
         for start in range(0, n, rows):
             block = np.ascontiguousarray(a[start : start + rows])
@@ -54,39 +56,50 @@ def encoded_chunks(arrays: dict[str, Any]) -> Iterator[list[tuple[str, int, int,
                 block = np.concatenate([block, pad])
             raw = block.tobytes()
             packed = _lzf.compress(raw) if _lzf is not None else None
-            batch.append((name, start, 0, packed) if packed else (name, start, 1, raw))
+            chunk = (name, start, 0, packed) if packed else (name, start, 1, raw)
+            if digests is not None:
+                hasher.update(start, chunk[2], chunk[3])
+            batch.append(chunk)
             size += len(raw)
             if size >= CHUNK_BYTES:
                 yield batch
                 batch, size = [], 0
+        if digests is not None:
+            digests[name] = hasher.digest()
     if batch:
         yield batch
 
 
 def send_to_root(arrays: dict[str, Any]) -> None:
-    """A rank other than 0: send its arrays' compressed chunks to rank 0, then the end mark."""
-    for msg in encoded_chunks(arrays):
+    """A rank other than 0: send its arrays' compressed chunks to rank 0, then the end mark,
+    which carries the checksum of each array's chunks (a dict: field -> digest)."""
+    digests: dict[str, str] = {}
+    for msg in encoded_chunks(arrays, digests):
         dist.send_object(0, msg)  # MPI: compressed chunks -> rank 0 (blocks until received)
-    dist.send_object(0, None)  # MPI: end of this rank's shard
+    dist.send_object(0, digests)  # MPI: end of this rank's shard, with its checksums
 
 
 def receive_into(
     datasets: dict[tuple[int, str], h5py.Dataset],
     own: Iterator[list[Chunk]],
+    own_digests: dict[str, str],
     world_size: int,
     error: str,
     path: str,
-) -> str:
-    """Rank 0: store every rank's chunks (its own from ``own``) into ``datasets`` by (rank,
-    field), round-robin, one message per rank in turn: every rank compresses its next message
-    while rank 0 stores the others'. After an error (the one given, or a failed write) it only
-    drains, so no sender blocks. Returns the first error ("" if none)."""
+) -> tuple[str, dict[tuple[int, str], str]]:
+    """Rank 0: store every rank's chunks (its own from ``own``, whose checksums fill
+    ``own_digests``) into ``datasets`` by (rank, field), round-robin, one message per rank in
+    turn: every rank compresses its next message while rank 0 stores the others'. After an
+    error (the one given, or a failed write) it only drains, so no sender blocks. Returns the
+    first error ("" if none) and every rank's chunk checksums by (rank, field)."""
     active = list(range(world_size))
+    digests: dict[tuple[int, str], str] = {}
     while active:
         for r in list(active):
-            msg = next(own, None) if r == 0 else dist.recv_object(r)  # MPI: receive (p2p)
-            if msg is None:
+            msg = next(own, own_digests) if r == 0 else dist.recv_object(r)  # MPI: receive (p2p)
+            if isinstance(msg, dict):  # the end mark, with the sender's checksums
                 active.remove(r)
+                digests.update({(r, k): v for k, v in msg.items()})
             elif not error:
                 try:
                     for key, start, mask, data in msg:
@@ -94,7 +107,7 @@ def receive_into(
                         ds.id.write_direct_chunk((start,) + (0,) * (ds.ndim - 1), data, mask)
                 except Exception as exc:
                     error = f"checkpoint {path}: {type(exc).__name__}: {exc}"
-    return error
+    return error, digests
 
 
 def shard_plan(old_rows: list[int], new_size: int) -> list[list[tuple[int, int, int]]]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, rundir
+from mpirl import resume as resume_from
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
@@ -114,7 +115,7 @@ def fit(cfg: Config) -> Summary:
     state = RunState(counters, loss_sum=torch.zeros((), device=ctx.device))
     run = Run(cfg, ctx, info, run_dir, collector, learner, state, target)
     resume = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
-        lambda: _find_resume(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
+        lambda: resume_from.find(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
     )
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
@@ -201,31 +202,6 @@ def _train_loop(run: Run, stop: StopFlag) -> None:
                 break
 
 
-def _find_resume(cfg: Config, run_dir: str, info: envs.EnvInfo, world_size: int) -> Optional[StoredCheckpoint]:
-    """Rank 0: the checkpoint to resume from (None for a fresh start), checked against this run
-    before anything in the run directory is touched; CheckpointError naming what does not fit."""
-    if not cfg.resume:
-        return None
-    path = checkpoint.latest(run_dir) if cfg.resume == "auto" else cfg.resume
-    if path is None:
-        return None
-    stored = checkpoint.read_header(path)
-    h = stored.header
-    mismatch = [
-        f"{what}: checkpoint {theirs}, this run {ours}"
-        for what, theirs, ours in (
-            ("env", h.env_id, cfg.env_id),
-            ("observation shape", h.obs_shape, list(info.obs_shape)),
-            ("actions", h.n_actions, info.n_actions),
-        )
-        if theirs != ours
-    ]
-    mismatch += jobcheck.resume_conflicts(cfg, h.config, same_world=stored.world_size == world_size)
-    if mismatch:
-        raise checkpoint.CheckpointError(f"{path} does not fit this run: {'; '.join(mismatch)}")
-    return stored
-
-
 def _restore(run: Run, stored: StoredCheckpoint) -> None:
     """Collective: resume the learner, the counters and this rank's collector from ``stored``."""
     ctx, learner, path = run.ctx, run.learner, stored.path
@@ -262,6 +238,8 @@ def _restore(run: Run, stored: StoredCheckpoint) -> None:
     if fewest == 0:  # some rank's replay was not carried over: all warm up again, alike
         c.warmup_from = c.iteration
     run.log(f"mpirl: resumed from {path} at {c.global_env_steps:,} env steps, {learner.updates:,} updates; {note}")
+    if stored.note:
+        run.log(f"mpirl: checkpoint {stored.note}")
 
 
 def _save_checkpoint(run: Run) -> None:

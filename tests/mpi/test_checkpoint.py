@@ -70,17 +70,18 @@ def test_checkpoint_layout_and_inspect(tmp_path):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step-000000000800.h5", "step-000000001600.h5"]
     with h5py.File(_latest(run), "r") as f:
-        assert f.attrs["schema_version"] == 1 and f.attrs["world_size"] == 2
+        assert f.attrs["schema_version"] == 2 and f.attrs["world_size"] == 2
+        assert "/ranks/1/replay/obs" in json.loads(f.attrs["checksums"])
         assert set(f["ranks"]) == {"0", "1"}
         for r in ("0", "1"):
             rep = f["ranks"][r]["replay"]
             assert rep["obs"].dtype == np.float32 and rep["obs"].compression == "lzf"
             assert rep["actions"].shape[0] == json.loads(f["ranks"][r].attrs["meta"])["replay"]["size"] > 0
         assert json.loads(f.attrs["versions"])["horovod"]
-    out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(_latest(run))], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(_latest(run)), "--verify"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "global env steps: 1,600" in out.stdout and "rank 1:" in out.stdout
+    assert "global env steps: 1,600" in out.stdout and "rank 1:" in out.stdout and "checksums match" in out.stdout
     out = subprocess.run([sys.executable, "-m", "mpirl.evaluate", str(run), "--episodes", "3", "--json"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -112,10 +113,14 @@ def test_bad_checkpoints_give_one_line_errors_on_every_rank(tmp_path):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.arange(3)
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(good.read_bytes())
+    _flip_in(damaged, "ranks/1/replay/rewards")
     cases = [
         (["--resume", str(tmp_path / "missing.h5")], "checkpoint not found"),
         (["--resume", str(truncated)], "not a readable HDF5 file"),
         (["--resume", str(foreign)], "not an mpirl checkpoint"),
+        (["--resume", str(damaged)], "dataset /ranks/1/replay/rewards fails its checksum"),
         (["--resume", str(good), "--env", "Acrobot-v1"], "does not fit this run: env: checkpoint CartPole-v1"),
         (["--resume", str(good), "--hidden-sizes", "16"], "network mismatch"),
     ]
@@ -125,6 +130,25 @@ def test_bad_checkpoints_give_one_line_errors_on_every_rank(tmp_path):
         assert res.returncode == 2, (args, res.output[-3000:])
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
         assert len(lines) == 2 and all(message in ln for ln in lines), (args, res.stderr[-2000:])
+
+
+def _flip_in(path, dataset):
+    """Flip one bit inside a dataset's first stored chunk, as bit rot would."""
+    with h5py.File(path, "r") as f:
+        at = f[dataset].id.get_chunk_info(0).byte_offset + 7
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 1600, "--checkpoint-interval", "800", "--keep-checkpoints", "2")
+    _flip_in(_latest(run), "ranks/1/replay/obs")
+    res = _train(run, 2400, "--resume", "auto", "--checkpoint-interval", "800", "--keep-checkpoints", "2")
+    assert "skipped 1 damaged newer checkpoint(s)" in res.stdout and "/ranks/1/replay/obs fails" in res.stdout
+    assert "step-000000000800.h5 at 800 env steps" in res.stdout and "exact resume" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_env_steps"] == 2400
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
