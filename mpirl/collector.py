@@ -100,6 +100,20 @@ class Collector:
         self.stats = EpisodeStats()
         self._import: dict[str, Any] = {}
 
+    @staticmethod
+    def replay_bytes(cfg: Config, info: envs.EnvInfo) -> int:
+        """Bytes the replay of one rank will hold (per rank, allocated at construction): checked
+        against the node's memory before any rank allocates (``jobcheck.memory_shortfall``)."""
+        C, E, K = cfg.buffer_size_per_rank, cfg.num_envs_per_rank, info.frame_stack
+        row = int(np.prod(info.obs_shape, dtype=np.int64)) * np.dtype(info.obs_dtype).itemsize
+        obs_row = K * 8 if K else row  # frame references (int64), or whole observations
+        total = C * (2 * obs_row + 8 + 4 + 1 + 1 + 1)  # obs, next_obs, action, reward, steps, 2 flags
+        if cfg.prioritized:
+            total += 2 * 2 * (1 << max(0, (C - 1).bit_length())) * 8  # sum and min trees, float64
+        if K:  # the frame ring (frame_replay.FrameStackReplay)
+            total += (C + C // 8 + E * (cfg.n_step + 2 * K + 2)) * (row // K)
+        return total
+
     def _reset(self, seeds: list[int]) -> None:
         obs, infos = self.vec.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env
         self.obs = obs  # what the network sees: (E, *obs_shape)

@@ -103,8 +103,10 @@ def fit(cfg: Config) -> Summary:
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
-    jobcheck.same_everywhere(cfg, dist.allgather_object(cfg.to_dict()))  # MPI: every rank's options, first
-    jobcheck.world(cfg, ctx.size)  # the same options and size on every rank: all raise alike
+    memory = jobcheck.memory_shortfall(Collector.replay_bytes(cfg, info), ctx.local_size)  # before allocating
+    gathered = dist.allgather_object((cfg.to_dict(), memory))  # MPI: every rank's options and verdict, first
+    jobcheck.same_everywhere(cfg, [options for options, _ in gathered])
+    jobcheck.world(cfg, ctx.size, [verdict for _, verdict in gathered])  # the same on every rank: all raise alike
 
     # 2. Run directory, collector, learner and what to resume from: rank 0 decides, all learn it.
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD

@@ -61,6 +61,7 @@ CASES = [
     (["--n-step", "300", "--learning-starts-per-rank", "4000"], "--n-step must be at most 255"),
     (["--n-step", "200"], "fewer steps than --n-step (200) before the first update"),
     (["--total-env-steps", "2000", "--learning-starts-per-rank", "1000"], "the run could never update"),
+    (["--buffer-size-per-rank", "1000000000"], "--buffer-size-per-rank: the replay needs 43.77 GiB per rank x 2"),
     # backends and devices
     (["--backend", "mpi"], "--backend must be one of auto, horovod, torch, gloo, nccl"),
     (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs CUDA tensors"),

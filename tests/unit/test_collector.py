@@ -358,3 +358,20 @@ def test_restore_without_env_state_restarts_envs_keeps_replay_and_stats():
     assert b.replay.state() == a.replay.state()
     assert b.stats == a.stats  # the statistics resume with the run
     np.testing.assert_array_equal(b.obs, [[0, 0], [100, 0]])  # seeds 36, 37
+
+
+@pytest.mark.parametrize(
+    "env_id, extra",
+    [("CartPole-v1", {}), ("CartPole-v1", {"prioritized": True, "buffer_size_per_rank": 1000}),
+     ("CartPole-v1", {"buffer_size_per_rank": 1}),
+     ("ALE/Pong-v5", {"buffer_size_per_rank": 3000, "num_envs_per_rank": 2, "n_step": 3})],
+)  # fmt: skip
+def test_replay_bytes_are_known_before_the_replay_is_allocated(env_id, extra):
+    """The memory check before allocation uses Collector.replay_bytes: it must be what the
+    constructor then allocates (PER: plus its two trees)."""
+    cfg = Config(env_id=env_id, **extra)
+    info = envs.inspect_env(env_id, envs.atari_options(cfg))
+    col = Collector(cfg, info, rank=0)
+    trees = 2 * col.replay.tree.sum.nbytes if cfg.prioritized else 0
+    assert Collector.replay_bytes(cfg, info) == col.replay.nbytes + trees
+    col.close()

@@ -167,3 +167,19 @@ def test_ranks_started_with_different_options_are_named():
     jobcheck.same_everywhere(Config(), [a, dict(a)])
     with pytest.raises(ConfigError, match=r"different options \(--hidden-sizes, --seed\)"):
         jobcheck.same_everywhere(Config(), [a, b])
+
+
+def test_a_replay_larger_than_the_nodes_memory_is_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr(jobcheck, "available_memory", lambda: (10 * 2**30, "MemAvailable"))
+    assert jobcheck.memory_shortfall(4 * 2**30, 2) == ""  # 8 GiB of 10: fits in 90%
+    short = jobcheck.memory_shortfall(5 * 2**30, 2)  # 10 GiB of 10: does not
+    assert "5.00 GiB per rank x 2 rank(s) on this node = 10.00 GiB" in short and "10.00 GiB available" in short
+    cfg = Config(total_env_steps=100_000)
+    jobcheck.world(cfg, 2, ["", ""])
+    with pytest.raises(ConfigError, match="(rank 1's node)"):
+        jobcheck.world(cfg, 2, ["", short])
+
+
+def test_available_memory_reads_this_machine():
+    have, source = jobcheck.available_memory()
+    assert have > 0 and source
