@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 import numpy as np
 import torch
 
+from mpirl import peers
+
 T = TypeVar("T")
 BACKENDS = ("auto", "horovod", "torch", "gloo", "nccl")
 
@@ -196,6 +198,7 @@ def init(device: str = "auto", torch_threads: int = 0, backend: str = "auto") ->
 
             _B = TorchBackend(launch.launcher, library)
         rank, size, local_rank, local_size = _B.rank, _B.size, _B.local_rank, _B.local_size
+        peers.record(_B.allgather_object(peers.me()))  # HVD: allgather (small): who to name if one dies
     dev = torch.device("cpu")
     if cuda:
         gpu = local_rank % torch.cuda.device_count()
@@ -417,6 +420,8 @@ def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ..
     except BaseException as exc:
         rank = _env_rank()
         tb = traceback.format_exc()
-        sys.stderr.write(f"{tb}mpirl: rank {rank} failed: {type(exc).__name__}: {exc}\n")
+        dead = peers.gone() if not _alone() else []  # a peer that died makes this rank's collective fail
+        why = f"; {', '.join(dead)} died first" if dead else ""
+        sys.stderr.write(f"{tb}mpirl: rank {rank} failed: {type(exc).__name__}: {exc}{why}\n")
         abort(1)
         raise  # not reached

@@ -28,13 +28,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, rundir
+from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, preemption, rundir
 from mpirl import resume as resume_from
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
 from mpirl.metrics import MetricsWriter
-from mpirl.preemption import StopFlag
 from mpirl.records import CheckpointHeader, Counters, StoredCheckpoint, Summary
 
 __all__ = ["CheckpointWriteError", "Summary", "fit", "main"]
@@ -59,6 +58,7 @@ class RunState:
     last_ckpt_step: int = 0  # global env steps of the latest checkpoint attempt
     last_ckpt_error: str = ""  # the latest save's error ("" if it worked)
     checkpoint_s: float = 0.0  # this rank's seconds in checkpoint saves
+    last_ckpt_s: float = 0.0  # this rank's seconds in the latest checkpoint save
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = 0.0  # time, env steps and updates at the last progress line
     steps_last: int = 0
@@ -136,7 +136,7 @@ def fit(cfg: Config) -> Summary:
         f"({counters.steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(ctx.size)}, "
         f"lr {cfg.lr_for(ctx.size):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
-    stop = StopFlag()
+    stop = preemption.StopFlag()
     _train_loop(run, stop)
 
     # 4. The end: the final checkpoint, a greedy evaluation and the summary, agreed by every rank.
@@ -161,7 +161,7 @@ def fit(cfg: Config) -> Summary:
     return summary
 
 
-def _train_loop(run: Run, stop: StopFlag) -> None:
+def _train_loop(run: Run, stop: preemption.StopFlag) -> None:
     """Until the env-step budget is spent, a target return is reached or a stop is agreed."""
     cfg, c, st, learner, collector = run.cfg, run.state.counters, run.state, run.learner, run.collector
     beta_steps = cfg.per_beta_steps or cfg.total_env_steps
@@ -196,12 +196,25 @@ def _train_loop(run: Run, stop: StopFlag) -> None:
             _save_checkpoint(run)  # HVD + MPI
             st.last_ckpt_step = c.global_env_steps
         if stop.vote_due(c.iteration):
-            votes = dist.allreduce_sum(np.array([1.0 if stop.signum else 0.0]), name="mpirl.preempt")  # HVD: vote
+            mine = [1.0 if stop.signum else 0.0, 1.0 if stop.name in ("SIGTERM", "SIGINT") else 0.0]
+            votes = dist.allreduce_sum(np.array(mine), name="mpirl.preempt")  # HVD: vote (any stop, any TERM/INT)
             if votes[0] > 0:
                 st.preempted = True
                 stop.ignore_further()
                 run.log(f"mpirl: stop signal received; checkpointing at {c.global_env_steps:,} env steps, then exiting")
+                _warn_if_cut_off(run, "SIGTERM/SIGINT" if votes[1] > 0 else "SIGUSR1")
                 break
+
+
+def _warn_if_cut_off(run: Run, signame: str) -> None:
+    """Say when the stop checkpoint may outlast the launcher's grace before SIGKILL (its
+    duration: the latest checkpoint's, or before the first, the filled replay at 100 MB/s)."""
+    grace_s, rule = preemption.launcher_grace()
+    rep = run.collector.replay
+    estimate = run.state.last_ckpt_s or rep.nbytes * len(rep) / run.cfg.buffer_size_per_rank * run.ctx.size / 100e6
+    note = preemption.stop_note(signame, estimate, grace_s, rule)
+    if note:
+        run.log(note)
 
 
 def _restore(run: Run, stored: StoredCheckpoint) -> None:
@@ -272,7 +285,8 @@ def _save_checkpoint(run: Run) -> None:
     path, err = checkpoint.save(  # HVD + MPI: space check, shard streaming, status
         run.run_dir, run.ctx, header, learner.online, learner.target, learner.optimizer, shard, cfg.keep_checkpoints
     )
-    st.checkpoint_s += time.perf_counter() - t0
+    st.last_ckpt_s = time.perf_counter() - t0
+    st.checkpoint_s += st.last_ckpt_s
     st.last_ckpt_error = err
     if err:
         run.log(f"mpirl: warning: {err}; the previous checkpoint is kept")

@@ -83,6 +83,10 @@ def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path, backend):
     assert proc.returncode != 0
     assert elapsed < 30, f"job took {elapsed:.1f}s to end after rank 1 died"
     assert "rank 1" in err and ("signal 9" in err or "Killed" in err), err[-2000:]
+    # A rank whose collective failed because rank 1 died says so, naming it (Gloo reports the
+    # lost peer at once; under Horovod mpirun usually ends rank 0 before it can say anything).
+    failed = [ln for ln in err.splitlines() if ln.startswith("mpirl: rank 0 failed")]
+    assert all("rank 1 (pid" in ln and "died first" in ln for ln in failed), failed
     time.sleep(0.5)
     assert not _leftovers(str(run))
     _latest_loads(run)
