@@ -91,6 +91,7 @@ def test_resume_is_bitwise_exact(env_id, kw, greedy, before, after):
     same_collectors(a, b)
     assert record(a, after, greedy, epsilon) == record(b, after, greedy, epsilon)
     same_collectors(a, b)
+    assert a.state().env_state == b.state().env_state  # the whole env shard, byte for byte
     assert a.stats.episodes > (3 if greedy else -1)  # CartPole: crossed episode ends and autoresets
 
 
