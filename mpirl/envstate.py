@@ -22,6 +22,8 @@ and raises ``EnvStateError`` (one line) on anything malformed; the only names in
 acts on are the whitelisted bit generators, and ale_py (imported only to rebuild an emulator
 state) is the only other type it constructs. ``pack`` raises ``UnsupportedValue``, naming the
 path of the value, for any type outside this list (``check`` does the same without packing).
+Shared references are not kept: an object met twice is stored, and comes back, as two copies
+(mpirl's envs never change an array in place, so the copies behave alike).
 """
 
 from __future__ import annotations
@@ -77,14 +79,21 @@ def has_magic(data: bytes) -> bool:
 def pack(value: Any) -> bytes:
     """``value`` as bytes of this format; UnsupportedValue naming the first value it cannot hold."""
     enc = _Encoder(keep=True)
-    header = json.dumps(enc.encode(value, "state"), separators=(",", ":"), allow_nan=True).encode()
+    header = json.dumps(_walk(enc, value), separators=(",", ":"), allow_nan=True).encode()
     payload = b"".join(enc.chunks)
     return _PREFIX.pack(MAGIC, VERSION, len(header), len(payload)) + header + payload
 
 
 def check(value: Any) -> None:
     """Raise UnsupportedValue (naming its path) if ``pack(value)`` would; copies no array."""
-    _Encoder(keep=False).encode(value, "state")
+    _walk(_Encoder(keep=False), value)
+
+
+def _walk(enc: _Encoder, value: Any) -> Any:
+    try:
+        return enc.encode(value, "state")
+    except RecursionError:  # a container that holds itself, or nesting no file should hold
+        raise UnsupportedValue("state: nested too deeply (a container that holds itself?)") from None
 
 
 def unpack(data: bytes) -> Any:

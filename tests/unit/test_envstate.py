@@ -114,6 +114,13 @@ class MyPCG(np.random.PCG64):
     pass
 
 
+def test_a_container_holding_itself_is_unsupported():
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(UnsupportedValue, match="nested too deeply"):
+        envstate.check({"loop": loop})
+
+
 @pytest.mark.parametrize(
     "value, where, what",
     [
