@@ -13,14 +13,15 @@ Layout (``schema_version`` 1; see README "Checkpoint layout"):
     /ranks/<r>/            attrs: meta (JSON: replay ring state, numpy RNG state, counters)
     /ranks/<r>/replay/<field>    obs, actions, rewards, next_obs, steps, terminated
                                  (+ priorities), slot order, chunked + lzf-compressed
-    /ranks/<r>/env_state   pickled env shard state (uint8), when the envs could be pickled
+    /ranks/<r>/env_state   env shard state as data (uint8, mpirl.envstate), when it could be captured
 
 Writes are atomic: rank 0 writes ``<name>.tmp``, fsyncs, renames, fsyncs the folder, then
 points ``latest`` at it the same way, so a crash at any moment leaves the previous checkpoint
 whole. Every rank's replay shard travels to rank 0 (and back on restore) in bounded,
 compressed chunks: see mpirl.shards.
 
-Loading uses pickle for the env state: load only checkpoints you trust.
+Nothing here uses pickle: the env state is mpirl.envstate's declared data, decoded and checked
+by the collector (an old checkpoint's pickled env state is never loaded: the env shards restart).
 
 The header's fields are typed records (``mpirl.records``): ``CheckpointHeader`` and its
 ``Counters`` are written here and read back by ``read_header`` as a ``StoredCheckpoint``.

@@ -14,16 +14,16 @@ the replay.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from mpirl import envs, frame_replay, replay
+from mpirl import envs, envstate, frame_replay, replay
 from mpirl.config import Config
 
 GreedyPolicy = Callable[[np.ndarray], np.ndarray]  # observations (E, *obs_shape) -> actions (E,)
+_PICKLE_PROTO = b"\x80"  # first byte of a pickle of protocol >= 2: schema 1's env state (protocol 4)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class CollectorState:
     numpy_rng: Mapping[str, Any]  # bit generator state
     stats: EpisodeStats
     replay_arrays: dict[str, np.ndarray]  # empty when checkpoint_replay is off
-    env_state: bytes  # empty when the envs could not be captured
+    env_state: bytes  # mpirl.envstate.pack of the env shard; empty when it could not be captured
 
 
 class Collector:
@@ -164,14 +164,14 @@ class Collector:
         """This collector's part of a checkpoint (the replay arrays only with checkpoint_replay)."""
         vec_state = envs.vector_state(self.vec)
         env_blob = b""
-        if vec_state is not None:
-            env_blob = pickle.dumps(
+        if vec_state is not None:  # data only (mpirl.envstate): loading it runs no code from the file
+            env_blob = envstate.pack(
                 {
                     "vec": vec_state,
                     "obs": self.obs,
                     "keys": self.keys,
                     "lives": self.lives,
-                    "tracker": self.tracker,
+                    "tracker": self.tracker.state(),
                     "nstep": self.nstep.state(),
                 }
             )
@@ -184,7 +184,7 @@ class Collector:
         self.replay.begin_import(total_rows)
 
     def restore_rows(self, name: str, first: int, chunk: np.ndarray) -> None:
-        """Restore: one chunk of a replay field (or of the pickled env state, 'env_state')."""
+        """Restore: one chunk of a replay field (or of the packed env state, 'env_state')."""
         if name == "env_state":
             self._import["env"] += chunk.tobytes()
         else:
@@ -195,30 +195,65 @@ class Collector:
         statistics and (when saved) env states resume exactly. Otherwise, or without saved env
         states, the envs and RNG start fresh, seeded apart from the first run's by the step
         count. Returns a note for the log and the taken shard's meta (None if not the same
-        world size), whose remaining fields (torch RNG) the caller restores."""
+        world size), whose remaining fields (torch RNG) the caller restores. Raises
+        envstate.EnvStateError (one line, this rank only) for a malformed env state."""
         got, self._import = self._import, {}
         metas = got["metas"]
         self.replay.end_import(got["total"], metas[0]["replay"] if same_world and metas else None)
         meta = metas[0] if same_world and metas else None
+        note = ""
         if meta is not None:
             self.rng.bit_generator.state = meta["numpy_rng"]
             self.stats = EpisodeStats.from_meta(meta["episodes"], meta["win"])
-            if got["env"]:
-                blob = pickle.loads(bytes(got["env"]))
-                envs.restore_vector_state(self.vec, blob["vec"])
-                self.obs, self.keys, self.lives, self.tracker = (
-                    blob["obs"],
-                    blob["keys"],
-                    blob["lives"],
-                    blob["tracker"],
-                )
-                self.nstep.set_state(blob["nstep"])
+            blob = bytes(got["env"])
+            if blob and not envstate.has_magic(blob) and blob[:1] == _PICKLE_PROTO:
+                # A schema-1 checkpoint's pickle: never unpickled (it could run any code).
+                note = "env state in the old pickle form is not loaded: env shards restart; replay and weights restored"
+            elif blob:
+                self._restore_envs(envstate.unpack(blob))
                 return "exact resume: replay, RNG and env states restored", meta
+            else:
+                note = "env states were not saved (no data encoding): env shards restart; replay and weights restored"
         cfg, E = self.cfg, self.cfg.num_envs_per_rank
         self.rng = np.random.default_rng([cfg.seed, self.rank, global_steps])
         self._reset(envs.shard_seeds(cfg.seed + global_steps, self.rank, E))
         self.tracker = envs.EpisodeTracker(E)
         self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
-        if same_world:
-            return "env states were not saved (not picklable): env shards restart; replay and weights restored", meta
-        return "", None
+        return note, meta
+
+    def _restore_envs(self, state: Any) -> None:
+        """Put an unpacked env state (data from a file, checked here) into this collector."""
+        if type(state) is not dict or set(state) != {"vec", "obs", "keys", "lives", "tracker", "nstep"}:
+            raise envstate.EnvStateError("env state: not a collector's env state")
+        for name in ("obs", "keys", "lives"):
+            mine, got = getattr(self, name), state[name]
+            if type(got) is not np.ndarray or got.shape != mine.shape or got.dtype != mine.dtype:
+                raise envstate.EnvStateError(f"env state: {name} is not {mine.dtype}{list(mine.shape)}")
+        pending = state["nstep"]
+        if type(pending) is not list or len(pending) != self.nstep.num_envs:
+            raise envstate.EnvStateError(f"env state: n-step queues are not a list of {self.nstep.num_envs}")
+        for queue in pending:
+            if (
+                type(queue) is not list
+                or len(queue) >= self.nstep.n
+                or not all(_nstep_entry(x, self.keys[0]) for x in queue)
+            ):
+                raise envstate.EnvStateError("env state: an n-step queue is not a list of (obs, action, reward)")
+        tracker = envs.EpisodeTracker(self.nstep.num_envs)
+        tracker.set_state(state["tracker"])
+        envs.restore_vector_state(self.vec, state["vec"])  # checks all, then changes the envs
+        self.obs, self.keys, self.lives, self.tracker = state["obs"], state["keys"], state["lives"], tracker
+        self.nstep.set_state(pending)
+
+
+def _nstep_entry(x: Any, like: np.ndarray) -> bool:
+    """Is ``x`` one pending n-step step: (obs or frame keys shaped ``like``, action, reward)?"""
+    return (
+        type(x) is tuple
+        and len(x) == 3
+        and type(x[0]) is np.ndarray
+        and x[0].shape == like.shape
+        and x[0].dtype == like.dtype
+        and type(x[1]) is int
+        and type(x[2]) is float
+    )

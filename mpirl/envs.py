@@ -18,6 +18,7 @@ applies them (evaluation reports game scores).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 
+from mpirl import envstate
 from mpirl.config import Config
 
 
@@ -170,27 +172,6 @@ def make_vector(env_id: str, num_envs: int, atari: AtariOptions = AtariOptions()
     return gym.vector.SyncVectorEnv(fns, **kwargs)
 
 
-class _AleSnapshot:
-    """The state of one preprocessed ALE env: the emulator (with its RNG) and every wrapper's
-    attributes. Pickling an ALE env itself would not do: gymnasium pickles it by its
-    constructor arguments, i.e. as a fresh game. One thing ALE's state does not carry is the
-    last emulator action, which a sticky action repeats: with sticky actions on, the first
-    frames after a restore can differ (bitwise-exact resume needs ``--sticky-actions 0``)."""
-
-    def __init__(self, env: gym.Env) -> None:
-        self.ale = env.unwrapped.ale.cloneState(include_rng=True)  # type: ignore[attr-defined]
-        self.layers = [{k: v for k, v in vars(layer).items() if k not in ("env", "ale")} for layer in _layers(env)]
-
-    def apply(self, env: gym.Env) -> None:
-        """Put this state into a fresh env made with the same id and options."""
-        layers = _layers(env)
-        if len(layers) != len(self.layers):
-            raise ValueError("saved ALE env has another wrapper chain than this run's")
-        for layer, attrs in zip(layers, self.layers):
-            vars(layer).update(attrs)
-        env.unwrapped.ale.restoreState(self.ale)  # type: ignore[attr-defined]
-
-
 def _layers(env: gym.Env) -> list[Any]:
     """The wrapper chain, outermost first, down to the unwrapped env."""
     out = [env]
@@ -203,37 +184,106 @@ def _is_ale_env(env: gym.Env) -> bool:
     return hasattr(env.unwrapped, "ale") and hasattr(env.unwrapped.ale, "cloneState")
 
 
-def vector_state(vec: gym.vector.VectorEnv) -> Optional[dict[str, Any]]:
-    """Picklable state of a sync vector env (its sub-envs with their RNGs, and which envs
-    autoreset on the next step), or None when a sub-env cannot be pickled."""
-    import pickle
+# Attributes a fresh env made with the same id and options already holds, identical, so the
+# state leaves them out (and a saved state may not set them):
+_STATIC = frozenset(
+    {
+        "env",  # the link to the next layer: the fresh chain, whose class names must match
+        "ale",  # the emulator interface: its state travels as cloneState (below)
+        "_saved_kwargs", "_ezpickle_args", "_ezpickle_kwargs",  # constructor arguments (same options)
+        "spec", "_cached_spec", "metadata", "_metadata",  # registration data of the env id
+    }
+)  # fmt: skip
+# gymnasium Spaces (mpirl never samples an env's own space: random actions come from the
+# collector's Generator), EnvSpecs (the registry's), and code (functions, methods, classes).
+_STATIC_TYPES = (gym.Space, gym.envs.registration.EnvSpec, type, functools.partial)
 
+
+def _static_name(layer: Any, name: str) -> bool:
+    return name in _STATIC or (name == "_action_set" and hasattr(layer, "ale"))  # ALE: the ROM's actions
+
+
+def _is_static(layer: Any, name: str, value: Any) -> bool:
+    return _static_name(layer, name) or isinstance(value, _STATIC_TYPES) or inspect.isroutine(value)
+
+
+def _class_name(layer: Any) -> str:
+    return f"{type(layer).__module__}.{type(layer).__qualname__}"  # compared on restore, never imported
+
+
+def _env_state(env: gym.Env) -> dict[str, Any]:
+    """One sub-env: each layer's class name and dynamic attributes, and the ALE emulator's state
+    (with its RNG). ALE's state lacks the last emulator action, which a sticky action repeats:
+    with sticky actions on, the first frames after a restore can differ (bitwise-exact resume
+    needs ``--sticky-actions 0``)."""
+    layers = _layers(env)
+    return {
+        "classes": [_class_name(layer) for layer in layers],
+        "layers": [{k: v for k, v in vars(layer).items() if not _is_static(layer, k, v)} for layer in layers],
+        "ale": env.unwrapped.ale.cloneState(include_rng=True) if _is_ale_env(env) else None,  # type: ignore[attr-defined]
+    }
+
+
+def vector_state(vec: gym.vector.VectorEnv) -> Optional[dict[str, Any]]:
+    """The state of a sync vector env as a data-only tree (``mpirl.envstate`` encodes it): its
+    sub-envs with their RNGs, and which envs autoreset on the next step. None when it cannot be
+    captured (another vector env, or an attribute with no data encoding: a handle, a custom
+    object). The tree shares arrays with the live envs: pack it before the next step."""
     subs, autoreset = getattr(vec, "envs", None), getattr(vec, "_autoreset_envs", None)
     if subs is None or autoreset is None:
         return None
-    state = {"envs": [_AleSnapshot(e) if _is_ale_env(e) else e for e in subs], "autoreset": autoreset}
+    tree = {"envs": [_env_state(e) for e in subs], "autoreset": np.array(autoreset, dtype=bool)}
     try:
-        pickle.dumps(state)
-    except Exception:  # an env holding handles, C objects, ...
+        envstate.check(tree)
+    except envstate.UnsupportedValue:
         return None
-    return state
+    return tree
 
 
-def restore_vector_state(vec: gym.vector.VectorEnv, state: dict[str, Any]) -> None:
-    """Put sub-envs saved by ``vector_state`` back into a fresh vector env of the same size."""
-    old = vec.envs  # type: ignore[attr-defined]
-    if len(state["envs"]) != len(old):
-        raise ValueError(f"saved env shard has {len(state['envs'])} envs, this one {len(old)}")
-    new = []
-    for fresh, saved in zip(old, state["envs"]):
-        if isinstance(saved, _AleSnapshot):
-            saved.apply(fresh)  # the emulator cannot travel by pickle: restore into the fresh one
-            new.append(fresh)
-        else:
-            fresh.close()
-            new.append(saved)
-    vec.envs = new  # type: ignore[attr-defined]
-    vec._autoreset_envs = np.array(state["autoreset"], dtype=bool)  # type: ignore[attr-defined]
+def restore_vector_state(vec: gym.vector.VectorEnv, tree: Any) -> None:
+    """Put a ``vector_state`` tree (read back from a file: checked here) into the fresh vector
+    env of the same id, options and size. EnvStateError (one line) if it does not fit."""
+    fresh = vec.envs  # type: ignore[attr-defined]
+    saved = _field(tree, "envs", list)
+    autoreset = _field(tree, "autoreset", np.ndarray)
+    if len(saved) != len(fresh) or autoreset.shape != (len(fresh),) or autoreset.dtype != bool:
+        raise envstate.EnvStateError(f"env state: saved shard has {len(saved)} envs, this one {len(fresh)}")
+    plans = [_check_env(env, state, i) for i, (env, state) in enumerate(zip(fresh, saved))]  # all before any change
+    for env, (attrs, ale_state) in zip(fresh, plans):
+        for layer, values in zip(_layers(env), attrs):
+            vars(layer).update(values)
+        if ale_state is not None:
+            try:
+                env.unwrapped.ale.restoreState(ale_state)
+            except Exception as exc:  # the emulator's C++ errors arrive as SystemError/RuntimeError
+                raise envstate.EnvStateError(f"env state: the emulator refused it ({type(exc).__name__})") from None
+    vec._autoreset_envs = autoreset  # type: ignore[attr-defined]
+
+
+def _field(tree: Any, key: str, kind: type) -> Any:
+    if type(tree) is not dict or not isinstance(tree.get(key), kind):
+        raise envstate.EnvStateError(f"env state: {key!r} missing or not a {kind.__name__}")
+    return tree[key]
+
+
+def _check_env(env: gym.Env, state: Any, i: int) -> tuple[list[dict[str, Any]], Any]:
+    """Env ``i``'s saved (attributes per layer, emulator state), checked against the fresh env."""
+    layers, classes = _layers(env), _field(state, "classes", list)
+    if classes != [_class_name(layer) for layer in layers]:
+        raise envstate.EnvStateError(f"env state: env {i} was saved with another wrapper chain: {classes}")
+    attrs = _field(state, "layers", list)
+    if len(attrs) != len(layers) or not all(type(a) is dict for a in attrs):
+        raise envstate.EnvStateError(f"env state: env {i} has no attributes per layer")
+    for layer, a in zip(layers, attrs):
+        bad = [k for k in a if type(k) is not str or _static_name(layer, k) or k.startswith("__")]
+        if bad:
+            raise envstate.EnvStateError(f"env state: env {i} sets attributes it may not: {bad[:3]}")
+    ale_state = state.get("ale")
+    if (ale_state is None) == _is_ale_env(env):
+        raise envstate.EnvStateError(
+            f"env state: env {i}: emulator state {'missing' if ale_state is None else 'unexpected'}"
+        )
+    return attrs, ale_state
 
 
 class EpisodeTracker:
@@ -258,6 +308,22 @@ class EpisodeTracker:
         finished_l = self.lengths[done].tolist()
         self.prev_done = done
         return valid, finished_r, finished_l
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The arrays (returns, lengths, prev_done), for checkpoints."""
+        return {"returns": self.returns, "lengths": self.lengths, "prev_done": self.prev_done}
+
+    def set_state(self, state: Any) -> None:
+        """Take back ``state()`` as read from a file; EnvStateError if it does not fit."""
+        if type(state) is not dict or set(state) != {"returns", "lengths", "prev_done"}:
+            raise envstate.EnvStateError("env state: episode tracker is not returns, lengths, prev_done")
+        for name, mine in self.state().items():
+            got = state[name]
+            if type(got) is not np.ndarray or got.shape != mine.shape or got.dtype != mine.dtype:
+                raise envstate.EnvStateError(
+                    f"env state: episode tracker's {name} is not {mine.dtype}{list(mine.shape)}"
+                )
+        self.returns, self.lengths, self.prev_done = state["returns"], state["lengths"], state["prev_done"]
 
 
 def evaluate(

@@ -384,7 +384,7 @@ class NStepAccumulator:
         )
 
     def state(self) -> list[list[tuple[np.ndarray, int, float]]]:
-        """The per-env queues of steps not yet emitted (picklable), for checkpoints."""
+        """The per-env queues of steps not yet emitted (arrays, ints, floats: data for checkpoints)."""
         return [list(p) for p in self._pending]
 
     def set_state(self, pending: list[list[tuple[np.ndarray, int, float]]]) -> None:

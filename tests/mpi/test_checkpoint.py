@@ -32,12 +32,12 @@ def _latest(run_dir):
 
 
 def _contents(path):
-    """Every dataset of a checkpoint except the env-state pickle, as bytes, keyed by path."""
+    """Every dataset of a checkpoint (the env states too: data, bitwise alike), as bytes, keyed by path."""
     out = {}
     with h5py.File(path, "r") as f:
 
         def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and not name.endswith("env_state"):
+            if isinstance(obj, h5py.Dataset):
                 out[name] = obj[()].tobytes()
 
         f.visititems(visit)
@@ -60,8 +60,34 @@ def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path, extra, backend):
     assert ca == cb and ca["global_env_steps"] == 3200
     assert sorted(a) == sorted(b)
     assert any(k.startswith("optimizer/state") for k in a) and any("replay/obs" in k for k in a)
+    assert "ranks/1/env_state" in a
     for key in a:
         assert a[key] == b[key], f"{key} differs after resume"
+
+
+class _WritesMarker:
+    """Unpickling this creates a file: what a crafted schema-1 env state could do on every rank."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.path)!r}, 'w').write('pwned')",))
+
+
+def test_a_pickled_env_state_is_never_loaded(tmp_path):
+    """Issue 18: a checkpoint's env state is data; an old (or crafted) pickle is skipped, not run."""
+    import pickle
+
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    _train(run, 800)
+    with h5py.File(_latest(run), "r+") as f:
+        for r in ("0", "1"):
+            del f["ranks"][r]["env_state"]
+            f["ranks"][r]["env_state"] = np.frombuffer(pickle.dumps({"vec": _WritesMarker(marker)}), np.uint8)
+    res = _train(run, 1600, "--resume", "auto")
+    assert not marker.exists()
+    assert res.stdout.count("env state in the old pickle form is not loaded: env shards restart") == 1, res.stdout
 
 
 def test_checkpoint_layout_and_inspect(tmp_path):

@@ -350,7 +350,7 @@ def test_restore_without_env_state_restarts_envs_keeps_replay_and_stats():
     a = make_collector()
     run(a, 13, epsilon=0.3)
     state = a.state()
-    state.env_state = b""  # an env that could not be pickled
+    state.env_state = b""  # an env shard that could not be captured (an attribute with no data encoding)
     b = make_collector()
     _feed(b, state, _meta(state))
     note, meta = b.end_restore(same_world=True, global_steps=26)

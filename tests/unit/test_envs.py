@@ -1,9 +1,12 @@
 """Env shards: seeds per rank/env, gymnasium 1.x autoreset masking, spaces we reject."""
 
+import copy
+import threading
+
 import numpy as np
 import pytest
 
-from mpirl import envs
+from mpirl import envs, envstate
 
 
 def test_shard_seeds_distinct_across_ranks_and_envs():
@@ -47,17 +50,22 @@ def test_evaluate_plays_one_episode_per_seed():
     assert envs.evaluate(lambda o: o, "CartPole-v1", []) == []
 
 
-def test_ale_env_state_survives_pickling_into_a_fresh_env():
-    pytest.importorskip("ale_py")
-    import pickle
+def packed(vec) -> object:
+    """``vec``'s state as it travels in a checkpoint: packed to data and read back."""
+    tree = envs.vector_state(vec)
+    assert tree is not None
+    return envstate.unpack(envstate.pack(tree))
 
+
+def test_ale_env_state_survives_packing_into_a_fresh_env():
+    pytest.importorskip("ale_py")
     atari = envs.AtariOptions(sticky_actions=0.25)
     vec = envs.make_vector("ALE/Pong-v5", 2, atari)
     vec.reset(seed=[1, 2])
     rng = np.random.default_rng(0)
     for _ in range(40):
         vec.step(rng.integers(0, 6, size=2))
-    saved = pickle.loads(pickle.dumps(envs.vector_state(vec)))
+    saved = packed(vec)
     other = envs.make_vector("ALE/Pong-v5", 2, atari)
     other.reset(seed=[7, 8])
     envs.restore_vector_state(other, saved)
@@ -72,12 +80,63 @@ def test_ale_env_state_survives_pickling_into_a_fresh_env():
     other.reset(seed=[5, 6])
     for _ in range(40):
         vec.step(rng.integers(0, 6, size=2))
-    envs.restore_vector_state(other, pickle.loads(pickle.dumps(envs.vector_state(vec))))
+    envs.restore_vector_state(other, packed(vec))
     for _ in range(300):
         act = rng.integers(0, 6, size=2)
         o1, r1, t1, _, _ = vec.step(act)
         o2, r2, t2, _, _ = other.step(act)
         assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(t1, t2)
+
+
+def test_cartpole_state_is_data_and_resumes_exactly():
+    vec, other = envs.make_vector("CartPole-v1", 3), envs.make_vector("CartPole-v1", 3)
+    vec.reset(seed=[1, 2, 3])
+    other.reset(seed=[4, 5, 6])
+    rng = np.random.default_rng(1)
+    for _ in range(30):  # past some episode ends: autoresets pending
+        vec.step(rng.integers(0, 2, size=3))
+    tree = envs.vector_state(vec)
+    assert tree is not None and "spec" not in tree["envs"][0]["layers"][-1]  # static config left out
+    envs.restore_vector_state(other, packed(vec))
+    for _ in range(200):
+        act = rng.integers(0, 2, size=3)
+        for x, y in zip(vec.step(act)[:4], other.step(act)[:4]):
+            assert x.tobytes() == y.tobytes()
+
+
+def test_an_env_holding_a_handle_is_not_captured():
+    vec = envs.make_vector("CartPole-v1", 2)
+    vec.reset(seed=[1, 2])
+    vec.envs[1].unwrapped.handle = threading.Lock()  # no data encoding: the shard restarts on resume
+    assert envs.vector_state(vec) is None
+    del vec.envs[1].unwrapped.handle
+    assert envs.vector_state(vec) is not None
+
+
+def test_restore_refuses_states_that_do_not_fit():
+    vec = envs.make_vector("CartPole-v1", 2)
+    vec.reset(seed=[1, 2])
+    good = packed(vec)
+
+    def refused(tree, match):
+        fresh = envs.make_vector("CartPole-v1", 2)
+        fresh.reset(seed=[3, 4])
+        before = fresh.envs[0].unwrapped.state.copy()
+        with pytest.raises(envstate.EnvStateError, match=match):
+            envs.restore_vector_state(fresh, tree)
+        assert np.array_equal(fresh.envs[0].unwrapped.state, before)  # checked before any change
+
+    refused(None, "'envs' missing")
+    refused({**good, "envs": good["envs"][:1]}, "saved shard has 1 envs, this one 2")
+    chain = copy.deepcopy(good)
+    chain["envs"][1]["classes"][0] = "mymodule.Evil"
+    refused(chain, "env 1 was saved with another wrapper chain")
+    link = copy.deepcopy(good)
+    link["envs"][1]["layers"][0]["env"] = 5
+    refused(link, "sets attributes it may not: \\['env'\\]")
+    ale = copy.deepcopy(good)
+    ale["envs"][0]["ale"] = b"x"
+    refused(ale, "emulator state unexpected")
 
 
 def test_atari_preprocessing_shapes_and_registration():

@@ -8,7 +8,8 @@ Its kind is fixed by the parity of the seed of its first (seeded) reset:
 Observation ``[100 * kind + episode, t]`` (float32): ``episode`` counts the resets since the
 last seeded one, ``t`` the steps taken in this episode. Reward of the step taken from ``t``
 with action ``a``: ``reward(t, a) = (t - 1) * (1 + a)``: negative, zero, then growing past 1.
-Defined in a module of its own so that pickled envs (the collector's env state) find it.
+Defined in a module of its own so that every test registers it once. The collector's env state
+holds its attributes (``kind``, ``episode``, ``t``, its RNG) as data, never the class itself.
 """
 
 from __future__ import annotations
