@@ -2,11 +2,12 @@
 
 One file holds a whole job at one step: online and target weights, optimizer state, every
 counter, the config, versions, and each rank's shard (replay arrays, RNG states, env state).
-Layout (``schema_version`` 1; see README "Checkpoint layout"):
+Layout (``schema_version`` 2, written by mpirl.layout; see README "Checkpoint layout"):
 
     /                      attrs: format, schema_version, world_size, global_env_steps,
                                   updates, env_id, obs_shape, n_actions, versions (JSON),
-                                  config (JSON), counters (JSON), created
+                                  config (JSON), counters (JSON), created, checksums (JSON:
+                                  mpirl.integrity's SHA-256 of every dataset and attribute)
     /model/online/<name>   parameters and buffers of the online network
     /model/target/<name>   same for the target network
     /optimizer/state/<i>/<key>   per-parameter optimizer tensors; attrs: param_groups (JSON)

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, preemption, rundir
+from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, envstate, jobcheck, model, preemption, rundir
 from mpirl import resume as resume_from
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
@@ -242,7 +242,14 @@ def _restore(run: Run, stored: StoredCheckpoint) -> None:
     checkpoint.restore_shards(  # MPI: rank 0 streams each rank its share of the saved shards
         path, ctx, [0] * len(rows) if skip else rows, run.collector.begin_restore, run.collector.restore_rows
     )
-    note, meta = run.collector.end_restore(same, c.global_env_steps)
+    try:
+        note, meta = run.collector.end_restore(same, c.global_env_steps)
+        broken = ""
+    except envstate.EnvStateError as exc:  # raised on one rank: agree on it before anyone leaves
+        note, meta, broken = "", None, str(exc)
+    bad = [f"rank {r}'s env state: {e}" for r, e in enumerate(dist.allgather_object(broken)) if e]  # MPI: allgather
+    if bad:
+        raise checkpoint.CheckpointError(f"{path}: {bad[0]}")
     if meta is not None:
         torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(meta["torch_rng"]), dtype=np.uint8).copy()))
     if not same:

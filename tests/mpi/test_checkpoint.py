@@ -75,19 +75,45 @@ class _WritesMarker:
         return (exec, (f"open({str(self.path)!r}, 'w').write('pwned')",))
 
 
+def _forge_env_state(path, blobs):
+    """Replace ranks' env_state datasets and recompute every checksum, as a forger would (the
+    checksums guard against damage, not forgery: what the loader does must be safe anyway)."""
+    from mpirl import integrity
+
+    with h5py.File(path, "r+") as f:
+        for r, blob in blobs.items():
+            del f["ranks"][r]["env_state"]
+            f["ranks"][r]["env_state"] = np.frombuffer(blob, np.uint8)
+        integrity.seal(f, {})
+
+
 def test_a_pickled_env_state_is_never_loaded(tmp_path):
     """Issue 18: a checkpoint's env state is data; an old (or crafted) pickle is skipped, not run."""
     import pickle
 
     run, marker = tmp_path / "run", tmp_path / "marker"
     _train(run, 800)
-    with h5py.File(_latest(run), "r+") as f:
-        for r in ("0", "1"):
-            del f["ranks"][r]["env_state"]
-            f["ranks"][r]["env_state"] = np.frombuffer(pickle.dumps({"vec": _WritesMarker(marker)}), np.uint8)
+    crafted = pickle.dumps({"vec": _WritesMarker(marker)})
+    _forge_env_state(_latest(run), {"0": crafted, "1": crafted})
     res = _train(run, 1600, "--resume", "auto")
     assert not marker.exists()
     assert res.stdout.count("env state in the old pickle form is not loaded: env shards restart") == 1, res.stdout
+
+
+def test_a_malformed_env_state_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """A forged env state that passes the checksums but not envstate's checks, on rank 1 only:
+    every rank stops with exit 2 naming rank 1's env state (no traceback, no rank left waiting)."""
+    from mpirl import envstate
+
+    run = tmp_path / "run"
+    _train(run, 800)
+    good = envstate.pack({"x": np.arange(4)})
+    _forge_env_state(_latest(run), {"1": good[:-9] + b"garbage!!"})
+    res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", "1600", "--run-dir", str(run), "--resume", "auto"],
+                 timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.output[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+    assert len(lines) == 2 and all("rank 1's env state" in ln for ln in lines), res.stderr[-2000:]
 
 
 def test_checkpoint_layout_and_inspect(tmp_path):
