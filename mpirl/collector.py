@@ -214,6 +214,8 @@ class Collector:
                 return "exact resume: replay, RNG and env states restored", meta
             else:
                 note = "env states were not saved (no data encoding): env shards restart; replay and weights restored"
+        if meta is None:  # another world size: count each old shard's episodes once (on its first taker)
+            self.stats = EpisodeStats(episodes=sum(int(m["episodes"]) for m in metas if m.get("first_piece", True)))
         cfg, E = self.cfg, self.cfg.num_envs_per_rank
         self.rng = np.random.default_rng([cfg.seed, self.rank, global_steps])
         self._reset(envs.shard_seeds(cfg.seed + global_steps, self.rank, E))

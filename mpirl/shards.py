@@ -161,7 +161,9 @@ def restore(
 def shard_messages(f: h5py.File, pieces: list[tuple[int, int, int]], same: bool) -> Iterator[Any]:
     """Rank 0: a header ``(total_rows, metas)``, then batches of ``(field, first_row, rows)``
     of about CHUNK_BYTES, read lazily from the file (rows of ``pieces``, numbered from 0)."""
-    metas = [json.loads(f["ranks"][str(i)].attrs["meta"]) for i, _, _ in pieces]
+    # first_piece: an old shard split over several new ranks is taken by each; only the first
+    # counts its episodes (the run's episode count survives a change of world size).
+    metas = [{**json.loads(f["ranks"][str(i)].attrs["meta"]), "first_piece": lo == 0} for i, lo, _ in pieces]
     yield sum(hi - lo for _, lo, hi in pieces), metas
     batch: list[tuple[str, int, np.ndarray]] = []
     size, offset = 0, 0

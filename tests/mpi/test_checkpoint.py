@@ -147,7 +147,10 @@ def test_resume_at_another_world_size_redistributes_replay(tmp_path, new_np):
     _train(run, 1600)
     with h5py.File(_latest(run), "r") as f:
         saved = sum(f["ranks"][r]["replay"]["actions"].shape[0] for r in f["ranks"])
+        episodes = sum(json.loads(f["ranks"][r].attrs["meta"])["episodes"] for r in f["ranks"])
     res = _train(run, 1600 + 12 * 50, "--resume", "auto", np=new_np)
+    # the run's episode count carries over: each old shard's episodes counted once, none lost
+    assert json.loads((run / "summary.json").read_text())["episodes"] >= episodes > 0
     assert f"world size changed 2 -> {new_np}" in res.stdout
     assert f"({saved:,} transitions)" in res.stdout
     with h5py.File(_latest(run), "r") as f:
