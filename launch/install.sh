@@ -172,6 +172,9 @@ if [ "$torch_cuda" != cpu ] && [ "$gpu_ops" = none ]; then
 fi
 
 # --- 6. mpirl itself ----------------------------------------------------------------
+if [[ ",$extras," == *",envpool,"* || ",$extras," == *",test,"* ]] && ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    say "EnvPool's wheels need Python >= 3.11 ($("$py" -V)): envpool is skipped; --env-backend auto uses gymnasium"
+fi
 target="$repo"
 [ -n "$extras" ] && target="$repo[$extras]"
 say "installing mpirl (editable${extras:+, extras: $extras})"

@@ -73,11 +73,15 @@ class CollectorState:
 class Collector:
     """One rank's env shard, replay buffer, n-step accumulator and RNG."""
 
-    def __init__(self, cfg: Config, info: envs.EnvInfo, rank: int) -> None:
-        self.cfg, self.rank = cfg, rank
+    def __init__(
+        self, cfg: Config, info: envs.EnvInfo, rank: int, env_backend: str = "gymnasium", env_threads: int = 1
+    ) -> None:
+        """``env_backend``: gymnasium or envpool (``envs.choose_backend``); ``env_threads``:
+        EnvPool's threads for this rank's envs (its cores)."""
+        self.cfg, self.rank, self.env_backend = cfg, rank, env_backend
         self.n_actions = info.n_actions
         E = cfg.num_envs_per_rank
-        self.vec = envs.make_vector(cfg.env_id, E, envs.atari_options(cfg))
+        self.vec = envs.make_vector(cfg.env_id, E, envs.atari_options(cfg), env_backend, env_threads)
         self.rng = np.random.default_rng([cfg.seed, rank])  # own generator; no global RNG relied on
         # Frame stacks are stored as references to single frames (see frame_replay.FrameStackReplay).
         K = info.frame_stack
@@ -115,7 +119,7 @@ class Collector:
         return total
 
     def _reset(self, seeds: list[int]) -> None:
-        obs, infos = self.vec.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env
+        obs, infos = self.vec.reset(seed=seeds)  # one seed per env
         self.obs = obs  # what the network sees: (E, *obs_shape)
         self.keys = self._encode(obs)  # what transitions store: obs, or frame references
         self.lives = np.asarray(infos.get("lives", np.zeros(len(obs))))
@@ -209,9 +213,14 @@ class Collector:
             if blob and not envstate.has_magic(blob) and blob[:1] == _PICKLE_PROTO:
                 # A schema-1 checkpoint's pickle: never unpickled (it could run any code).
                 note = "env state in the old pickle form is not loaded: env shards restart; replay and weights restored"
+            elif blob and self.env_backend == "envpool":
+                note = "gymnasium env states cannot go into EnvPool envs: env shards restart; replay, weights restored"
             elif blob:
                 self._restore_envs(envstate.unpack(blob))
                 return "exact resume: replay, RNG and env states restored", meta
+            elif self.env_backend == "envpool":
+                note = ("EnvPool envs cannot be snapshotted: env shards restart with new episodes; weights, optimizer, "
+                        "replay and counters restored exactly")  # fmt: skip
             else:
                 note = "env states were not saved (no data encoding): env shards restart; replay and weights restored"
         if meta is None:  # another world size: count each old shard's episodes once (on its first taker)

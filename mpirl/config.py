@@ -59,6 +59,12 @@ class Config:
     clip_rewards: str = _opt(
         "auto", "store sign(reward) in replay: on, off, or auto (on for Atari)", choices=("auto", "on", "off")
     )
+    env_backend: str = _opt(
+        "auto",
+        "what steps each rank's envs: gymnasium (Python vector env), envpool (C++ thread pool, ALE games and "
+        "classic control; pip install 'mpirl[envpool]'), or auto (envpool where it is installed and has the env)",
+        choices=("auto", "gymnasium", "envpool"),
+    )
 
     # --- run length and evaluation ---------------------------------------------------
     total_env_steps: int = _opt(

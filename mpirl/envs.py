@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 
-from mpirl import envstate
+from mpirl import envpool_shard, envstate
 from mpirl.config import Config
 
 
@@ -159,17 +159,33 @@ def shard_seeds(seed: int, rank: int, num_envs: int) -> list[int]:
     return [seed + rank * num_envs + i for i in range(num_envs)]
 
 
-def make_vector(env_id: str, num_envs: int, atari: AtariOptions = AtariOptions()) -> gym.vector.VectorEnv:
-    """A synchronous vector env in next-step autoreset mode.
+def make_vector(
+    env_id: str, num_envs: int, atari: AtariOptions = AtariOptions(), backend: str = "gymnasium", threads: int = 1
+) -> Any:
+    """A synchronous vector env in next-step autoreset mode: gymnasium's (below) or, with
+    ``backend="envpool"``, an EnvPool of ``threads`` threads with the same semantics and
+    preprocessing (``mpirl.envpool_shard``; ``choose_backend`` says which).
 
-    Sync, not async: a rank already owns a core, and worker processes per env would
-    oversubscribe the node. The env steps are cheap next to the update.
+    gymnasium's is sync, not async: a rank already owns a core, and worker processes per env
+    would oversubscribe the node.
     """
+    if backend == "envpool":
+        return envpool_shard.EnvPoolVector(env_id, num_envs, atari if is_atari(env_id) else None, threads)
     fns: list[Callable[[], gym.Env]] = [lambda: _make_one(env_id, atari) for _ in range(num_envs)]
     kwargs: dict[str, Any] = {}
     if "autoreset_mode" in inspect.signature(gym.vector.SyncVectorEnv.__init__).parameters:
         kwargs["autoreset_mode"] = gym.vector.AutoresetMode.NEXT_STEP
     return gym.vector.SyncVectorEnv(fns, **kwargs)
+
+
+def choose_backend(requested: str, env_id: str, info: EnvInfo, atari: AtariOptions = AtariOptions()) -> str:
+    """The env backend of a run: ``--env-backend`` resolved for this env (auto: EnvPool where
+    it is installed and gives the spaces the gymnasium env has). EnvError when EnvPool is
+    asked for and cannot serve."""
+    try:
+        return envpool_shard.choose(requested, env_id, atari if info.atari else None, info.obs_shape, info.n_actions)
+    except ValueError as exc:
+        raise EnvError(str(exc)) from None
 
 
 def _layers(env: gym.Env) -> list[Any]:
@@ -339,7 +355,7 @@ def evaluate(
         return []
     envs = make_vector(env_id, len(seeds), atari)
     try:
-        obs, _ = envs.reset(seed=list(seeds))  # type: ignore[arg-type]  # vector envs take one seed per env
+        obs, _ = envs.reset(seed=list(seeds))  # vector envs take one seed per env
         returns = np.zeros(len(seeds))
         active = np.ones(len(seeds), dtype=bool)
         for _ in range(max_steps):

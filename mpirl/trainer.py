@@ -102,6 +102,7 @@ def fit(cfg: Config) -> Summary:
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
+    env_backend = envs.choose_backend(cfg.env_backend, cfg.env_id, info, envs.atari_options(cfg))
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
     memory = jobcheck.memory_shortfall(Collector.replay_bytes(cfg, info), ctx.local_size)  # before allocating
     gathered = dist.allgather_object((cfg.to_dict(), memory))  # MPI: every rank's options and verdict, first
@@ -110,7 +111,7 @@ def fit(cfg: Config) -> Summary:
 
     # 2. Run directory, collector, learner and what to resume from: rank 0 decides, all learn it.
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
-    collector = Collector(cfg, info, ctx.rank)
+    collector = Collector(cfg, info, ctx.rank, env_backend, dist.cores_per_rank(ctx.local_size))
     learner = Learner(cfg, info.obs_shape, info.n_actions, ctx)  # HVD: broadcasts rank 0's weights
     counters = Counters(steps_per_iter=cfg.num_envs_per_rank * ctx.size)
     target = cfg.target_return if cfg.target_return is not None else info.reward_threshold
@@ -132,7 +133,7 @@ def fit(cfg: Config) -> Summary:
         run.log(f"mpirl: {ctx.note}")
     run.log(
         f"mpirl: {cfg.env_id} on {ctx.size} rank(s), {dryrun.backend_words(ctx)}, device {ctx.device}, "
-        f"{cfg.num_envs_per_rank} envs/rank "
+        f"{cfg.num_envs_per_rank} {env_backend} envs/rank "
         f"({counters.steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(ctx.size)}, "
         f"lr {cfg.lr_for(ctx.size):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
