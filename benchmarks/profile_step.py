@@ -133,7 +133,8 @@ def main() -> None:
     cfg = parse_args(rest)
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
-    collector = Collector(cfg, info, ctx.rank)
+    env_backend = envs.choose_backend(cfg.env_backend, cfg.env_id, info, envs.atari_options(cfg))
+    collector = Collector(cfg, info, ctx.rank, env_backend, dist.cores_per_rank(ctx.local_size))
     learner = Learner(cfg, info.obs_shape, info.n_actions, ctx)
     dev = ctx.device
     frames = FRAME_SKIP if info.atari else 1
@@ -176,6 +177,7 @@ def main() -> None:
     parts["update"] = max(0.0, probed_s - sum(parts.values()))  # forward, backward, clip, step, target
     result = {
         "env_id": cfg.env_id,
+        "env_backend": env_backend,
         "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "num_envs_per_rank": E,
