@@ -32,7 +32,7 @@ from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, m
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
-from mpirl.metrics import MetricsWriter
+from mpirl.metrics import MetricsWriter, fmt_time
 from mpirl.preemption import StopFlag
 from mpirl.records import CheckpointHeader, Counters, StoredCheckpoint, Summary
 
@@ -184,12 +184,12 @@ def _train_loop(run: Run, stop: StopFlag) -> None:
         last = c.global_env_steps >= cfg.total_env_steps
 
         # 3b. Progress line, 3c. evaluation (may stop early), 3d. checkpoint, 3e. stop vote.
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.log_interval) or last:
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.log_interval) or last:
             _log_progress(run, epsilon)  # HVD: one allreduce of the window's sums
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.eval_interval) and run.warmed_up():
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.eval_interval) and run.warmed_up():
             if _periodic_eval(run):  # HVD: evaluation sums; the same mean on every rank
                 break
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.checkpoint_interval) and not last:
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.checkpoint_interval) and not last:
             _save_checkpoint(run)  # HVD + MPI
             st.last_ckpt_step = c.global_env_steps
         if stop.vote_due(c.iteration):
@@ -337,7 +337,7 @@ def _log_progress(run: Run, epsilon: float) -> None:
     run.log(
         f"step {c.global_env_steps:>9,}/{run.cfg.total_env_steps:,} | {sps:7,.0f} sps | {ups:6,.0f} upd/s | "
         f"return {record['mean_return']:7.1f} | loss {record['loss']:.4f} | eps {epsilon:.3f} | "
-        f"eval {c.last_eval:6.1f} | eta {_fmt_time(eta)}"
+        f"eval {c.last_eval:6.1f} | eta {fmt_time(eta)}"
     )
 
 
@@ -416,18 +416,6 @@ def _summarise(run: Run, wall: float) -> Summary:
         param_checksum=checksum,
         replicas_identical=lo == hi,
     )
-
-
-def _crossed(step: int, step_size: int, interval: int) -> bool:
-    """Did the last ``step_size`` steps up to ``step`` cross a multiple of ``interval``?"""
-    return interval > 0 and step // interval > (step - step_size) // interval
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
