@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, rundir
+from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, jobcheck, model, rundir, watchdog
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
@@ -77,6 +77,7 @@ class Run:
     state: RunState
     target_return: Optional[float]
     writer: Optional[MetricsWriter] = None  # rank 0 only
+    io_allowance_s: float = 0.0  # the stall watchdog's extra seconds for a checkpoint of the whole job
 
     def log(self, msg: str) -> None:
         """A line on rank 0's stdout (the other ranks stay quiet)."""
@@ -95,13 +96,22 @@ def fit(cfg: Config) -> Summary:
     Call it on every rank (e.g. a script started with mpirun). Raises ConfigError,
     envs.EnvError or checkpoint.CheckpointError for bad input, on every rank alike, before
     any collective that could hang. Returns the run's Summary (global figures, identical on
-    every rank).
+    every rank). A rank that makes no progress for ``cfg.stall_timeout`` seconds ends the job
+    with exit code 5, naming itself and its phase (mpirl.watchdog).
     """
     # 1. Options and env, checked on every rank alike before MPI could hang on them; then agreed.
     cfg.validate()
     envs.import_env_modules(cfg.env_modules)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
+    counters = Counters(steps_per_iter=cfg.num_envs_per_rank * ctx.size)
+    # From here on a rank that makes no progress ends the job; stopped on every way out of the run.
+    with watchdog.running(cfg.stall_timeout, ctx.rank, dist.abort, counters.progress):
+        return _run(cfg, info, ctx, counters)
+
+
+def _run(cfg: Config, info: envs.EnvInfo, ctx: dist.DistContext, counters: Counters) -> Summary:
+    """``fit`` after the backend started, under the stall watchdog: steps 1 (agreement) to 4."""
     jobcheck.same_everywhere(cfg, dist.allgather_object(cfg.to_dict()))  # MPI: every rank's options, first
     jobcheck.world(cfg, ctx.size)  # the same options and size on every rank: all raise alike
 
@@ -109,7 +119,6 @@ def fit(cfg: Config) -> Summary:
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
     collector = Collector(cfg, info, ctx.rank)
     learner = Learner(cfg, info.obs_shape, info.n_actions, ctx)  # HVD: broadcasts rank 0's weights
-    counters = Counters(steps_per_iter=cfg.num_envs_per_rank * ctx.size)
     target = cfg.target_return if cfg.target_return is not None else info.reward_threshold
     state = RunState(counters, loss_sum=torch.zeros((), device=ctx.device))
     run = Run(cfg, ctx, info, run_dir, collector, learner, state, target)
@@ -118,10 +127,12 @@ def fit(cfg: Config) -> Summary:
     )
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
+    run.io_allowance_s = watchdog.io_seconds(need)  # the same on every rank
     create = functools.partial(rundir.create, cfg, run_dir, need)
     dist.rank0_decides(create, name="mpirl.run_dir.create", errors=ConfigError)  # HVD: rank 0 creates it
     if resume is not None:
-        _restore(run, resume)  # HVD + MPI: weights by broadcast, replay shards streamed from rank 0
+        with watchdog.allowance("checkpoint restore", run.io_allowance_s):
+            _restore(run, resume)  # HVD + MPI: weights by broadcast, replay shards streamed from rank 0
 
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
     run.writer = MetricsWriter(run_dir, cfg.tensorboard) if ctx.rank == 0 else None
@@ -162,6 +173,7 @@ def _train_loop(run: Run, stop: StopFlag) -> None:
     """Until the env-step budget is spent, a target return is reached or a stop is agreed."""
     cfg, c, st, learner, collector = run.cfg, run.state.counters, run.state, run.learner, run.collector
     beta_steps = cfg.per_beta_steps or cfg.total_env_steps
+    watchdog.begin("training")  # the start-up stage's allowance ends here
     st.t_start = st.t_last = time.perf_counter()
     st.steps_last, st.updates_last, st.last_ckpt_step = c.global_env_steps, learner.updates, c.global_env_steps
     while c.global_env_steps < cfg.total_env_steps:
@@ -289,9 +301,10 @@ def _save_checkpoint(run: Run) -> None:
             "episodes": s.stats.episodes, "win": s.stats.to_meta()}  # fmt: skip
     shard = checkpoint.RankShard(meta=meta, replay=s.replay_arrays, env_state=s.env_state)
     t0 = time.perf_counter()
-    path, err = checkpoint.save(  # HVD + MPI: space check, shard streaming, status
-        run.run_dir, run.ctx, header, learner.online, learner.target, learner.optimizer, shard, cfg.keep_checkpoints
-    )
+    with watchdog.allowance("checkpoint write", run.io_allowance_s):  # the same on every rank
+        path, err = checkpoint.save(  # HVD + MPI: space check, shard streaming, status
+            run.run_dir, run.ctx, header, learner.online, learner.target, learner.optimizer, shard, cfg.keep_checkpoints
+        )
     st.checkpoint_s += time.perf_counter() - t0
     st.last_ckpt_error = err
     if err:
@@ -370,9 +383,8 @@ def _evaluate_global(run: Run, episodes: int, seed_base: int, name: str) -> tupl
     run.learner.sync_replicas()  # HVD (local SGD): evaluate the averaged weights, the ones a checkpoint saves
     ctx = run.ctx
     mine = [seed_base + i for i in range(ctx.rank, episodes, ctx.size)]
-    rets = np.asarray(
-        envs.evaluate(run.learner.greedy, run.cfg.env_id, mine, atari=envs.atari_options(run.cfg)), dtype=np.float64
-    )
+    policy = watchdog.beating("evaluation", run.learner.greedy)  # a heartbeat per env step
+    rets = np.asarray(envs.evaluate(policy, run.cfg.env_id, mine, atari=envs.atari_options(run.cfg)), dtype=np.float64)
     local_min = rets.min() if len(rets) else np.inf
     s = dist.allreduce_sum(np.array([rets.sum(), (rets**2).sum(), len(rets)]), name=name)  # HVD: allreduce
     lo, _ = dist.allreduce_min_max(float(local_min), name=name + ".min")  # HVD: allreduce
