@@ -15,6 +15,12 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
     return start + frac * (end - start)
 
 
+def crossed(step: int, step_size: int, interval: int) -> bool:
+    """Did the last ``step_size`` steps up to ``step`` cross a multiple of ``interval``? (An
+    interval of 0 never does.)"""
+    return interval > 0 and step // interval > (step - step_size) // interval
+
+
 def td_targets(
     rewards: torch.Tensor,
     discounts: torch.Tensor,

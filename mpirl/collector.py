@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from mpirl import envs, envstate, frame_replay, replay
+from mpirl import envs, envstate, frame_replay, replay, watchdog
 from mpirl.config import Config
 
 GreedyPolicy = Callable[[np.ndarray], np.ndarray]  # observations (E, *obs_shape) -> actions (E,)
@@ -143,6 +143,7 @@ class Collector:
 
     def step(self, greedy: GreedyPolicy, epsilon: float) -> None:
         """One vector step of this rank's shard; stores the n-step transitions it completes."""
+        watchdog.beat("env step")  # a heartbeat per vector step: an env that never returns is named
         actions = self.act(greedy, epsilon)
         next_obs, rewards, terminated, truncated, infos = self.vec.step(actions)
         valid, fin_r, fin_l = self.tracker.step(rewards, terminated, truncated)  # game scores

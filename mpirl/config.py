@@ -136,6 +136,11 @@ class Config:
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
     torch_threads: int = _opt(0, "torch intra-op threads per rank; 0 = cores / ranks on this node")
+    stall_timeout: float = _opt(
+        600.0,
+        "seconds a rank may make no progress (an env step that never returns) before the job ends "
+        "with exit code 5, naming the rank and its phase; checkpoints get more by their size; 0: off",
+    )
     expect_world_size: int = _opt(
         0,
         "fail unless the job has exactly this many ranks (guards against a launcher/PMI mismatch "
@@ -220,7 +225,7 @@ class Config:
         non_negative = (
             "eval_interval", "final_eval_episodes", "learning_starts_per_rank", "eps_decay_steps",
             "per_beta_steps", "torch_threads", "max_grad_norm", "checkpoint_interval", "keep_checkpoints",
-            "expect_world_size", "noop_max",
+            "expect_world_size", "noop_max", "stall_timeout",
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -5,7 +5,8 @@ The only module that talks to MPI, Horovod or torch.distributed (through its two
 ``dist_horovod`` and ``dist_torch``, which nothing else imports). Every function that issues
 a collective says so in its docstring; every rank must call it, in the same order, with the
 same name. Call sites are tagged ``# HVD:`` (a collective, through whichever backend runs)
-or ``# MPI:`` (point-to-point), so they can be audited at a glance.
+or ``# MPI:`` (point-to-point), so they can be audited at a glance. Each one marks this rank
+as waiting under its name for the stall watchdog (``mpirl.watchdog.waiting``).
 
 Backends (``--backend``):
 
@@ -33,7 +34,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 import numpy as np
 import torch
 
-from mpirl import peers
+from mpirl import peers, watchdog
 
 T = TypeVar("T")
 BACKENDS = ("auto", "horovod", "torch", "gloo", "nccl")
@@ -262,7 +263,8 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
         return
     dtype, device = tensors[0].dtype, tensors[0].device
     flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
-    flat = _B.average_(flat, name=name)  # HVD: allreduce (one fused buffer)
+    with watchdog.waiting(name):
+        flat = _B.average_(flat, name=name)  # HVD: allreduce (one fused buffer)
     offset = 0
     with torch.no_grad():
         for t in tensors:
@@ -274,7 +276,8 @@ def average_tensors_(tensors: Sequence[torch.Tensor], name: str) -> None:
 def broadcast_model(model: torch.nn.Module) -> None:
     """Collective: every rank receives rank 0's parameters and buffers."""
     if not _alone():
-        _B.broadcast_module(model)  # HVD: broadcast
+        with watchdog.waiting("mpirl.weights"):
+            _B.broadcast_module(model)  # HVD: broadcast
 
 
 def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -284,14 +287,16 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer) -> None:
     Horovod would run a zero-gradient step to create state, which offsets Adam's step count.
     """
     if not _alone():
-        _B.broadcast_optimizer(optimizer)  # HVD: broadcast (several)
+        with watchdog.waiting("mpirl.optimizer"):
+            _B.broadcast_optimizer(optimizer)  # HVD: broadcast (several)
 
 
 def broadcast_object(obj: T, name: str) -> T:
     """Collective: rank 0's picklable ``obj`` on every rank. ``name`` is required (see README)."""
     if _alone():
         return obj
-    return _B.broadcast_object(obj, name=name)  # HVD: broadcast
+    with watchdog.waiting(name):
+        return _B.broadcast_object(obj, name=name)  # HVD: broadcast
 
 
 def rank0_decides(decide: Callable[[], T], name: str, errors: type[Exception]) -> T:
@@ -319,14 +324,16 @@ def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
     """Collective: elementwise float64 sum over ranks of a small vector (metrics, votes)."""
     if _alone():
         return np.array(values, dtype=np.float64)
-    return _B.allreduce_sum(values, name=name)  # HVD: allreduce
+    with watchdog.waiting(name):
+        return _B.allreduce_sum(values, name=name)  # HVD: allreduce
 
 
 def allreduce_min_max(value: float, name: str) -> tuple[float, float]:
     """Collective: (min, max) of a scalar over ranks; used to prove replicas are identical."""
     if _alone():
         return float(value), float(value)
-    out = _B.allreduce_min(np.array([value, -value]), name=name)  # HVD: allreduce
+    with watchdog.waiting(name):
+        out = _B.allreduce_min(np.array([value, -value]), name=name)  # HVD: allreduce
     return float(out[0]), float(-out[1])
 
 
@@ -335,25 +342,29 @@ def allgather_object(obj: Any) -> list[Any]:
     may differ in size between ranks (it runs before anything assumes they agree)."""
     if _alone():
         return [obj]
-    return _B.allgather_object(obj)  # MPI: allgather (small)
+    with watchdog.waiting("mpirl.allgather"):
+        return _B.allgather_object(obj)  # MPI: allgather (small)
 
 
 def gather_to_root(obj: Any) -> list[Any]:
     """Collective: rank 0 gets every rank's small picklable ``obj`` in rank order; others []."""
     if _alone():
         return [obj]
-    return _B.gather_to_root(obj)  # MPI: gather (small)
+    with watchdog.waiting("mpirl.gather"):
+        return _B.gather_to_root(obj)  # MPI: gather (small)
 
 
 def send_object(dest: int, obj: Any) -> None:
     """Point-to-point: a picklable message to ``dest`` (returns once it was handed over, so at
     most one is in flight per sender)."""
-    _B.send_object(dest, obj)  # MPI: p2p send
+    with watchdog.waiting(f"replay shard stream (to rank {dest})"):
+        _B.send_object(dest, obj)  # MPI: p2p send
 
 
 def recv_object(source: int) -> Any:
     """Point-to-point: the next message ``send_object`` sent from ``source``."""
-    return _B.recv_object(source)  # MPI: p2p receive
+    with watchdog.waiting(f"replay shard stream (from rank {source})"):
+        return _B.recv_object(source)  # MPI: p2p receive
 
 
 def versions() -> dict[str, str]:

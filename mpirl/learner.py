@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mpirl import algo, dist, model, replay
+from mpirl import algo, dist, model, replay, watchdog
 from mpirl.config import Config
 
 
@@ -113,6 +113,7 @@ class Learner:
         Anything the caller does between ``start`` and ``finish`` must not touch the online
         network's gradients or weights (acting with it is fine)."""
         assert self._pending is None, "start() called twice without finish()"
+        watchdog.beat("replay sample/update")
         cfg = self.cfg
         passes = cfg.backward_passes_per_step
         total_loss = torch.zeros((), device=self.device)
@@ -155,7 +156,8 @@ class Learner:
             self._local_step()
             return loss
         if self.grad_sync is not None:
-            self.grad_sync.wait()  # HVD: wait for the averaged gradients
+            with watchdog.waiting("gradient allreduce"):
+                self.grad_sync.wait()  # HVD: wait for the averaged gradients
         # Same averaged gradient on every rank -> same norm, same clip, same finite check, so
         # every rank skips (or applies) an update alike without another collective.
         if not bool(torch.isfinite(self._clip_gradients())):

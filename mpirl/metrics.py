@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from typing import IO, Any, Optional
@@ -72,3 +73,11 @@ class MetricsWriter:
                     fh.close()
             except OSError:
                 pass
+
+
+def fmt_time(seconds: float) -> str:
+    """A duration for a progress line: ``42s``, ``3m07s``, or ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

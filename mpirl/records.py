@@ -25,6 +25,10 @@ class Counters:
     last_eval: float = math.nan  # mean return of the latest periodic evaluation; NaN: none yet
     warmup_from: int = 0  # iteration from which learning_starts_per_rank counts (an empty resume resets it)
 
+    def progress(self) -> str:
+        """Where the run is, for messages: ``iteration 1,234, 5,000 global env steps``."""
+        return f"iteration {self.iteration:,}, {self.global_env_steps:,} global env steps"
+
     def to_json(self) -> dict[str, Any]:
         """Schema 1's ``counters`` attribute (key order kept, NaN as null)."""
         return {

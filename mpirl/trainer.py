@@ -28,13 +28,25 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mpirl import __version__, algo, checkpoint, dist, dryrun, envs, envstate, jobcheck, model, preemption, rundir
-from mpirl import resume as resume_from
+from mpirl import (
+    __version__,
+    algo,
+    checkpoint,
+    dist,
+    dryrun,
+    envs,
+    jobcheck,
+    model,
+    preemption,
+    resume,
+    rundir,
+    watchdog,
+)
 from mpirl.collector import Collector
 from mpirl.config import Config, ConfigError, parse_args
 from mpirl.learner import Learner
-from mpirl.metrics import MetricsWriter
-from mpirl.records import CheckpointHeader, Counters, StoredCheckpoint, Summary
+from mpirl.metrics import MetricsWriter, fmt_time
+from mpirl.records import CheckpointHeader, Counters, Summary
 
 __all__ = ["CheckpointWriteError", "Summary", "fit", "main"]
 
@@ -78,6 +90,7 @@ class Run:
     state: RunState
     target_return: Optional[float]
     writer: Optional[MetricsWriter] = None  # rank 0 only
+    io_allowance_s: float = 0.0  # the stall watchdog's extra seconds for a checkpoint of the whole job
 
     def log(self, msg: str) -> None:
         """A line on rank 0's stdout (the other ranks stay quiet)."""
@@ -96,7 +109,8 @@ def fit(cfg: Config) -> Summary:
     Call it on every rank (e.g. a script started with mpirun). Raises ConfigError,
     envs.EnvError or checkpoint.CheckpointError for bad input, on every rank alike, before
     any collective that could hang. Returns the run's Summary (global figures, identical on
-    every rank).
+    every rank). A rank that makes no progress for ``cfg.stall_timeout`` seconds ends the job
+    with exit code 5, naming itself and its phase (mpirl.watchdog).
     """
     # 1. Options and env, checked on every rank alike before MPI could hang on them; then agreed.
     cfg.validate()
@@ -104,6 +118,14 @@ def fit(cfg: Config) -> Summary:
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     env_backend = envs.choose_backend(cfg.env_backend, cfg.env_id, info, envs.atari_options(cfg))
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
+    counters = Counters(steps_per_iter=cfg.num_envs_per_rank * ctx.size)
+    # From here on a rank that makes no progress ends the job; stopped on every way out of the run.
+    with watchdog.running(cfg.stall_timeout, ctx.rank, dist.abort, counters.progress):
+        return _run(cfg, info, env_backend, ctx, counters)
+
+
+def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContext, counters: Counters) -> Summary:
+    """``fit`` after the backend started, under the stall watchdog: steps 1 (agreement) to 4."""
     memory = jobcheck.memory_shortfall(Collector.replay_bytes(cfg, info), ctx.local_size)  # before allocating
     gathered = dist.allgather_object((cfg.to_dict(), memory))  # MPI: every rank's options and verdict, first
     jobcheck.same_everywhere(cfg, [options for options, _ in gathered])
@@ -113,19 +135,21 @@ def fit(cfg: Config) -> Summary:
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
     collector = Collector(cfg, info, ctx.rank, env_backend, dist.cores_per_rank(ctx.local_size))
     learner = Learner(cfg, info.obs_shape, info.n_actions, ctx)  # HVD: broadcasts rank 0's weights
-    counters = Counters(steps_per_iter=cfg.num_envs_per_rank * ctx.size)
     target = cfg.target_return if cfg.target_return is not None else info.reward_threshold
     state = RunState(counters, loss_sum=torch.zeros((), device=ctx.device))
     run = Run(cfg, ctx, info, run_dir, collector, learner, state, target)
-    resume = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
-        lambda: resume_from.find(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
+    stored = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
+        lambda: resume.find(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
     )
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
+    run.io_allowance_s = watchdog.io_seconds(need)  # the same on every rank
     create = functools.partial(rundir.create, cfg, run_dir, need)
     dist.rank0_decides(create, name="mpirl.run_dir.create", errors=ConfigError)  # HVD: rank 0 creates it
-    if resume is not None:
-        _restore(run, resume)  # HVD + MPI: weights by broadcast, replay shards streamed from rank 0
+    if stored is not None:
+        with watchdog.allowance("checkpoint restore", run.io_allowance_s):
+            for line in resume.restore(stored, ctx, learner, collector, counters):  # HVD + MPI: weights, replay shards
+                run.log(line)
 
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
     run.writer = MetricsWriter(run_dir, cfg.tensorboard) if ctx.rank == 0 else None
@@ -142,7 +166,7 @@ def fit(cfg: Config) -> Summary:
 
     # 4. The end: the final checkpoint, a greedy evaluation and the summary, agreed by every rank.
     st, steps = run.state, run.state.counters.global_env_steps
-    if st.last_ckpt_step != steps or resume is None or steps == 0:
+    if st.last_ckpt_step != steps or stored is None or steps == 0:
         _save_checkpoint(run)  # HVD + MPI: the end of the run (or of this allocation) is always on disk
     if not st.preempted:
         stop.restore()
@@ -166,6 +190,7 @@ def _train_loop(run: Run, stop: preemption.StopFlag) -> None:
     """Until the env-step budget is spent, a target return is reached or a stop is agreed."""
     cfg, c, st, learner, collector = run.cfg, run.state.counters, run.state, run.learner, run.collector
     beta_steps = cfg.per_beta_steps or cfg.total_env_steps
+    watchdog.begin("training")  # the start-up stage's allowance ends here
     st.t_start = st.t_last = time.perf_counter()
     st.steps_last, st.updates_last, st.last_ckpt_step = c.global_env_steps, learner.updates, c.global_env_steps
     while c.global_env_steps < cfg.total_env_steps:
@@ -188,12 +213,12 @@ def _train_loop(run: Run, stop: preemption.StopFlag) -> None:
         last = c.global_env_steps >= cfg.total_env_steps
 
         # 3b. Progress line, 3c. evaluation (may stop early), 3d. checkpoint, 3e. stop vote.
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.log_interval) or last:
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.log_interval) or last:
             _log_progress(run, epsilon)  # HVD: one allreduce of the window's sums
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.eval_interval) and run.warmed_up():
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.eval_interval) and run.warmed_up():
             if _periodic_eval(run):  # HVD: evaluation sums; the same mean on every rank
                 break
-        if _crossed(c.global_env_steps, c.steps_per_iter, cfg.checkpoint_interval) and not last:
+        if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.checkpoint_interval) and not last:
             _save_checkpoint(run)  # HVD + MPI
             st.last_ckpt_step = c.global_env_steps
         if stop.vote_due(c.iteration):
@@ -216,53 +241,6 @@ def _warn_if_cut_off(run: Run, signame: str) -> None:
     note = preemption.stop_note(signame, estimate, grace_s, rule)
     if note:
         run.log(note)
-
-
-def _restore(run: Run, stored: StoredCheckpoint) -> None:
-    """Collective: resume the learner, the counters and this rank's collector from ``stored``."""
-    ctx, learner, path = run.ctx, run.learner, stored.path
-
-    def load() -> None:  # rank 0 reads the networks; the others get them by broadcast
-        checkpoint.load_module(path, "online", learner.online)
-        checkpoint.load_module(path, "target", learner.target)
-        if stored.optimizer_has_state:
-            checkpoint.load_optimizer(path, learner.optimizer)
-
-    dist.rank0_decides(load, name="mpirl.resume.load", errors=checkpoint.CheckpointError)  # HVD: agree it loaded
-    learner.adopt_root_state(stored.optimizer_has_state, stored.header.updates)  # HVD: broadcasts
-    c, saved = run.state.counters, stored.header.counters
-    # The saved counters, in place (this run keeps its own steps_per_iter; _find_resume refused
-    # another --num-envs-per-rank at the same world size).
-    c.global_env_steps, c.iteration, c.eval_round = saved.global_env_steps, saved.iteration, saved.eval_round
-    c.last_eval, c.warmup_from = saved.last_eval, saved.warmup_from
-    rows = stored.shard_rows
-    same = len(rows) == ctx.size
-    # Frame references cannot be split or merged across shards: at another world size a
-    # frame-stack replay starts empty (weights, optimizer and counters still resume).
-    skip = run.collector.frame_stacked and not same
-    checkpoint.restore_shards(  # MPI: rank 0 streams each rank its share of the saved shards
-        path, ctx, [0] * len(rows) if skip else rows, run.collector.begin_restore, run.collector.restore_rows
-    )
-    try:
-        note, meta = run.collector.end_restore(same, c.global_env_steps)
-        broken = ""
-    except envstate.EnvStateError as exc:  # raised on one rank: agree on it before anyone leaves
-        note, meta, broken = "", None, str(exc)
-    bad = [f"rank {r}'s env state: {e}" for r, e in enumerate(dist.allgather_object(broken)) if e]  # MPI: allgather
-    if bad:
-        raise checkpoint.CheckpointError(f"{path}: {bad[0]}")
-    if meta is not None:
-        torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(meta["torch_rng"]), dtype=np.uint8).copy()))
-    if not same:
-        moved = f"replay shards redistributed ({sum(rows):,} transitions)"
-        moved = "frame-stack replay starts empty" if skip else moved
-        note = f"world size changed {len(rows)} -> {ctx.size}: {moved}, env shards and RNGs start fresh"
-    fewest, _ = dist.allreduce_min_max(float(len(run.collector.replay)), name="mpirl.resume.replay")  # HVD
-    if fewest == 0:  # some rank's replay was not carried over: all warm up again, alike
-        c.warmup_from = c.iteration
-    run.log(f"mpirl: resumed from {path} at {c.global_env_steps:,} env steps, {learner.updates:,} updates; {note}")
-    if stored.note:
-        run.log(f"mpirl: checkpoint {stored.note}")
 
 
 def _save_checkpoint(run: Run) -> None:
@@ -290,9 +268,10 @@ def _save_checkpoint(run: Run) -> None:
             "episodes": s.stats.episodes, "win": s.stats.to_meta()}  # fmt: skip
     shard = checkpoint.RankShard(meta=meta, replay=s.replay_arrays, env_state=s.env_state)
     t0 = time.perf_counter()
-    path, err = checkpoint.save(  # HVD + MPI: space check, shard streaming, status
-        run.run_dir, run.ctx, header, learner.online, learner.target, learner.optimizer, shard, cfg.keep_checkpoints
-    )
+    with watchdog.allowance("checkpoint write", run.io_allowance_s):  # the same on every rank
+        path, err = checkpoint.save(  # HVD + MPI: space check, shard streaming, status
+            run.run_dir, run.ctx, header, learner.online, learner.target, learner.optimizer, shard, cfg.keep_checkpoints
+        )
     st.last_ckpt_s = time.perf_counter() - t0
     st.checkpoint_s += st.last_ckpt_s
     st.last_ckpt_error = err
@@ -339,7 +318,7 @@ def _log_progress(run: Run, epsilon: float) -> None:
     run.log(
         f"step {c.global_env_steps:>9,}/{run.cfg.total_env_steps:,} | {sps:7,.0f} sps | {ups:6,.0f} upd/s | "
         f"return {record['mean_return']:7.1f} | loss {record['loss']:.4f} | eps {epsilon:.3f} | "
-        f"eval {c.last_eval:6.1f} | eta {_fmt_time(eta)}"
+        f"eval {c.last_eval:6.1f} | eta {fmt_time(eta)}"
     )
 
 
@@ -372,9 +351,8 @@ def _evaluate_global(run: Run, episodes: int, seed_base: int, name: str) -> tupl
     run.learner.sync_replicas()  # HVD (local SGD): evaluate the averaged weights, the ones a checkpoint saves
     ctx = run.ctx
     mine = [seed_base + i for i in range(ctx.rank, episodes, ctx.size)]
-    rets = np.asarray(
-        envs.evaluate(run.learner.greedy, run.cfg.env_id, mine, atari=envs.atari_options(run.cfg)), dtype=np.float64
-    )
+    policy = watchdog.beating("evaluation", run.learner.greedy)  # a heartbeat per env step
+    rets = np.asarray(envs.evaluate(policy, run.cfg.env_id, mine, atari=envs.atari_options(run.cfg)), dtype=np.float64)
     local_min = rets.min() if len(rets) else np.inf
     s = dist.allreduce_sum(np.array([rets.sum(), (rets**2).sum(), len(rets)]), name=name)  # HVD: allreduce
     lo, _ = dist.allreduce_min_max(float(local_min), name=name + ".min")  # HVD: allreduce
@@ -418,18 +396,6 @@ def _summarise(run: Run, wall: float) -> Summary:
         param_checksum=checksum,
         replicas_identical=lo == hi,
     )
-
-
-def _crossed(step: int, step_size: int, interval: int) -> bool:
-    """Did the last ``step_size`` steps up to ``step`` cross a multiple of ``interval``?"""
-    return interval > 0 and step // interval > (step - step_size) // interval
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -92,6 +92,47 @@ def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path, backend):
     _latest_loads(run)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["hang", "hang_gil"])
+def test_env_step_that_never_returns_on_rank_1_ends_job_naming_it(tmp_path, kind, backend):
+    """hang: step() sleeps in Python; the watchdog thread names rank 1 and its phase, MPI_Abort(5).
+    hang_gil: step() blocks in C holding the GIL, so the thread cannot run; the SIGALRM backstop
+    prints rank 1's stacks and ends it, and mpirun names it."""
+    run, mark = tmp_path / f"run-{kind}", tmp_path / "stalled"
+    res = mpirun(["-m", "mpirl.train", *BASE, "--env", "FaultyCartPole-v0", "--env-module", "faulty_envs",
+                  "--total-env-steps", "400000", "--run-dir", str(run), "--backend", backend, "--stall-timeout", "5"],
+                 env={**_fault_env(kind, after=300), "MPIRL_TEST_FAULT_MARK": str(mark)}, timeout=180)  # fmt: skip
+    stalled_for = time.time() - mark.stat().st_mtime  # from the first hanging step to the job's end
+    assert stalled_for < 30, f"the job ended {stalled_for:.0f} s after the stall"
+    if kind == "hang":
+        assert res.returncode == 5, res.output[-3000:]
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
+        assert len(lines) == 1, res.stderr[-3000:]
+        assert lines[0].startswith("mpirl: error: rank 1 made no progress for 5 s in phase 'env step' (iteration ")
+        assert lines[0].endswith("global env steps); ending the job (--stall-timeout 5)")
+        assert "in step\n    time.sleep(1.0)" in res.stderr  # rank 1's main thread, where it hangs
+    else:
+        # Horovod: 128 + SIGALRM. Gloo sees rank 1's sockets close and rank 0 aborts the job too,
+        # which can reach mpirun before rank 1's exit status does (then: signal 9, 137).
+        assert res.returncode == 128 + 14 or (backend == "torch" and res.returncode == 128 + 9), res.output[-3000:]
+        assert "process rank 1 with PID" in res.stderr and "exited on signal" in res.stderr, res.stderr[-3000:]
+        assert 'faulty_envs.py", line' in res.stderr  # faulthandler's dump shows where it hangs
+        assert "mpirl: error: rank 0 waited" not in res.stderr  # the grace let rank 1 go first
+    assert not _leftovers(str(run))
+
+
+def test_healthy_run_and_resume_with_a_short_stall_timeout_finish(tmp_path):
+    """Checkpoints, evaluations and a resume's restore stay within a 3 s --stall-timeout."""
+    run = tmp_path / "run"
+    args = [*BASE, "--eval-interval", "800", "--eval-episodes", "4", "--final-eval-episodes", "4",
+            "--stall-timeout", "3", "--run-dir", str(run)]  # fmt: skip
+    for steps, extra in ((2400, []), (3200, ["--resume", "auto"])):
+        res = mpirun(["-m", "mpirl.train", *args, "--total-env-steps", str(steps), *extra], timeout=180)
+        assert res.returncode == 0, res.output[-3000:]
+        assert "made no progress" not in res.stderr and "waited" not in res.stderr
+    assert "resumed from" in res.stdout
+
+
 def test_nan_rewards_on_one_rank_skip_updates_then_stop_on_every_rank(tmp_path):
     run = tmp_path / "run-nan"
     res = mpirun(["-m", "mpirl.train", *BASE, "--env", "FaultyCartPole-v0", "--env-module", "faulty_envs",

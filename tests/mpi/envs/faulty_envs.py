@@ -4,9 +4,14 @@ FaultyCartPole-v0 is CartPole-v1 except on the rank named by MPIRL_TEST_FAULT_RA
 after MPIRL_TEST_FAULT_AFTER steps of that env instance (default 300):
   MPIRL_TEST_FAULT=raise  -> step() raises RuntimeError("injected fault")
   MPIRL_TEST_FAULT=nan    -> rewards become NaN
+  MPIRL_TEST_FAULT=hang   -> step() never returns (sleeps in Python: the GIL stays free)
+  MPIRL_TEST_FAULT=hang_gil -> step() never returns and holds the GIL (libc sleep through ctypes.PyDLL)
+A hanging step first creates the file MPIRL_TEST_FAULT_MARK (if set), so a test can time the stall.
 """
 
+import ctypes
 import os
+import time
 
 import gymnasium as gym
 from gymnasium.envs.classic_control import CartPoleEnv
@@ -29,6 +34,12 @@ class FaultyCartPole(CartPoleEnv):
                 raise RuntimeError("injected fault")
             if self._kind == "nan":
                 reward = float("nan")
+            if self._kind in ("hang", "hang_gil"):
+                if os.environ.get("MPIRL_TEST_FAULT_MARK"):
+                    open(os.environ["MPIRL_TEST_FAULT_MARK"], "w").close()
+                while self._kind == "hang":
+                    time.sleep(1.0)
+                ctypes.PyDLL(None).sleep(100_000)  # PyDLL keeps the GIL during the call
         return obs, reward, terminated, truncated, info
 
 

@@ -1,0 +1,205 @@
+"""The stall watchdog on its own: limits, grace, allowances, messages, and that stop() stops it."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from mpirl import watchdog
+from mpirl.config import Config, ConfigError, parse_args
+
+
+class FakeBackstop:
+    def __init__(self):
+        self.armed = []
+        self.disarmed = False
+
+    def arm(self, seconds):
+        self.armed.append(seconds)
+
+    def disarm(self):
+        self.disarmed = True
+
+
+@pytest.fixture
+def heart():
+    """The process heartbeat, fresh for the test and left as it was found."""
+    h = watchdog.HEART
+    saved = (h.phase, h.since, h.collective, h.extra)
+    watchdog.begin("start-up")
+    yield h
+    h.phase, h.since, h.collective, h.extra = saved
+
+
+def make(timeout=10.0, **kw):
+    """A Watchdog on a fake clock: ``clock.t`` seconds after the heartbeat's last progress."""
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return watchdog.HEART.since + self.t
+
+    clock = Clock()
+    ended = []
+    dog = watchdog.Watchdog(timeout, 1, ended.append, lambda: "iteration 7, 112 global env steps", clock=clock, **kw)
+    return dog, clock, ended
+
+
+def test_local_stall_names_rank_and_phase_after_confirmation(heart):
+    dog, clock, _ = make(timeout=10.0)
+    watchdog.beat("env step")
+    clock.t = 9.9
+    assert dog.check() is None
+    clock.t = 10.5
+    assert dog.check() is None  # seen once: confirmed on the next check
+    clock.t = 10.6
+    msg = dog.check()
+    assert msg == (
+        "mpirl: error: rank 1 made no progress for 11 s in phase 'env step' (iteration 7, 112 global env steps); "
+        "ending the job (--stall-timeout 10)"
+    )
+
+
+def test_progress_between_checks_clears_the_suspicion(heart):
+    dog, clock, _ = make(timeout=10.0)
+    watchdog.beat("env step")
+    clock.t = 11.0
+    assert dog.check() is None
+    watchdog.beat("env step")  # progress: a new `since`, so the old stall is not confirmed
+    assert dog.check() is None  # (the fake clock stays 11 s after the latest beat)
+    assert dog.check() is not None  # the new stall, seen twice
+
+
+def test_a_rank_in_a_collective_waits_the_grace_then_says_where(heart):
+    dog, clock, _ = make(timeout=10.0)
+    assert watchdog.grace_seconds(10.0) == 30.0 and watchdog.grace_seconds(600.0) == 150.0
+    with watchdog.waiting("mpirl.metrics"):
+        clock.t = 39.0  # a local phase would have ended long ago
+        assert dog.check() is None and dog.check() is None
+        clock.t = 40.5
+        dog.check()
+        msg = dog.check()
+    assert msg is not None
+    assert msg.startswith("mpirl: error: rank 1 waited 40 s in collective 'mpirl.metrics' for a rank that did not")
+    assert "(--stall-timeout 10, + 30 s for it to name itself)" in msg
+
+
+def test_leaving_a_collective_is_progress_and_resumes_the_local_phase(heart):
+    watchdog.beat("env step")
+    with watchdog.waiting("gradient allreduce"):
+        assert heart.phase == "gradient allreduce" and heart.collective
+        before = heart.since
+    assert heart.phase == "env step" and not heart.collective and heart.since >= before
+
+
+def test_an_allowance_scales_the_limit_for_its_phase_only(heart):
+    dog, clock, _ = make(timeout=10.0)
+    assert watchdog.io_seconds(200e6) == pytest.approx(10.0)  # 20 MB/s
+    with watchdog.allowance("checkpoint write", 50.0):
+        assert heart.phase == "checkpoint write"
+        clock.t = 59.0
+        assert dog.check() is None and dog.check() is None
+        clock.t = 61.0
+        dog.check()
+        msg = dog.check()
+        assert "in phase 'checkpoint write'" in msg and "--stall-timeout 10 + 50 s for its size" in msg
+        with watchdog.waiting("replay shard stream (to rank 0)"):  # its collectives get it too
+            clock.t = 89.0
+            assert dog.check() is None and dog.check() is None
+    assert heart.extra == 0.0
+    clock.t = 11.0
+    dog.check()
+    assert dog.check() is not None  # the plain limit again
+
+
+def test_a_new_stage_replaces_the_start_up_allowance(heart):
+    watchdog.begin("start-up", watchdog.START_UP_S)
+    assert heart.extra == watchdog.START_UP_S
+    watchdog.begin("training")
+    assert heart.extra == 0.0 and heart.phase == "training" and not heart.collective
+
+
+def test_each_check_rearms_the_backstop_past_the_local_limit(heart):
+    backstop = FakeBackstop()
+    dog, clock, _ = make(timeout=10.0, backstop=backstop)
+    dog.check()
+    with watchdog.allowance("checkpoint write", 5.0):
+        dog.check()
+    assert backstop.armed == [10.0 + dog.margin_s, 15.0 + dog.margin_s]
+    # Below the grace, with two polls to spare: a rank stuck holding the GIL ends before a
+    # waiting peer gives up on it, and after the Python check of a stall that leaves the GIL free.
+    for timeout in (1.0, 5.0, 60.0, 120.0, 600.0, 3600.0):
+        d = watchdog.Watchdog(timeout, 0, print)
+        assert 2 * d.poll_s < d.margin_s < d.grace_s - 2 * d.poll_s
+
+
+def test_beating_wraps_a_callback_with_a_heartbeat(heart):
+    policy = watchdog.beating("evaluation", lambda obs: obs * 2)
+    heart.since -= 100.0
+    assert policy(21) == 42
+    assert heart.phase == "evaluation" and time.monotonic() - heart.since < 1.0
+
+
+def _read_all(fd):
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1 << 16).decode()
+    except BlockingIOError:
+        return ""
+
+
+def test_the_thread_ends_the_job_with_exit_code_5_and_the_main_threads_stack(heart):
+    r, w = os.pipe()
+    ended = []
+    dog = watchdog.Watchdog(0.2, 3, ended.append, err_fd=w)
+    watchdog.beat("env step")
+    dog.start()
+    deadline = time.monotonic() + 5.0
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dog.stop()
+    out = _read_all(r)
+    os.close(r)
+    os.close(w)
+    assert ended == [watchdog.EXIT_STALL] == [5]
+    assert out.startswith("mpirl: error: rank 3 made no progress for 0 s in phase 'env step'; ending the job")
+    assert "mpirl: rank 3's main thread was here:" in out and "test_watchdog.py" in out
+
+
+def test_stop_really_stops_it(heart):
+    r, w = os.pipe()
+    ended = []
+    backstop = FakeBackstop()
+    dog = watchdog.Watchdog(1.0, 0, ended.append, backstop=backstop, err_fd=w).start()
+    time.sleep(0.06)
+    dog.stop()
+    assert not dog._thread.is_alive() and backstop.disarmed
+    heart.since -= 100.0  # long stalled now: nothing may fire any more
+    time.sleep(0.5)
+    out = _read_all(r)
+    os.close(r)
+    os.close(w)
+    assert ended == [] and out == ""
+
+
+def test_running_stops_on_an_exception_and_zero_turns_it_off(heart):
+    threads = threading.active_count()
+    with watchdog.running(0, 0, print) as dog:
+        assert dog is None and threading.active_count() == threads
+    with pytest.raises(RuntimeError):
+        with watchdog.running(600.0, 0, print) as dog:
+            assert dog is not None and dog._thread.is_alive()
+            assert heart.phase == "start-up" and heart.extra == watchdog.START_UP_S
+            raise RuntimeError("boom")
+    assert not dog._thread.is_alive()
+
+
+def test_stall_timeout_option():
+    assert Config().stall_timeout == 600.0
+    assert parse_args(["--stall-timeout", "0"]).stall_timeout == 0.0
+    assert parse_args(["--stall-timeout", "2.5"]).stall_timeout == 2.5
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="--stall-timeout"):
+            parse_args(["--stall-timeout", bad])
