@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
@@ -402,6 +403,13 @@ def _settle(timeout: float = 10.0) -> None:
     it printed its message. Only for errors all ranks raise alike (agreed by a collective)."""
     if not _alone():
         _B.barrier_within(timeout)  # HVD: barrier with a deadline
+    elif _B is None and launch_info().world_size > 1 and "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI  # an error before any backend started (bad options): MPI itself is up
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            req, deadline = MPI.COMM_WORLD.Ibarrier(), time.monotonic() + timeout  # MPI: barrier with a deadline
+            while not req.Test() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ...] = ()) -> T:

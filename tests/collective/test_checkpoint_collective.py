@@ -80,7 +80,7 @@ def test_save_then_restore_shards_gives_each_rank_its_own_rows_and_meta(ctx, sha
     checkpoint.restore_shards(path, ctx, old_rows, begin, rows)  # collective
 
     mine = _shard(ctx.rank)
-    assert got["begin"] == [(_rows(ctx.rank), [mine.meta])]
+    assert got["begin"] == [(_rows(ctx.rank), [{**mine.meta, "first_piece": True}])]  # the whole shard: its first piece
     assert set(got["rows"]) == {*mine.replay, "env_state"}  # same world size: env state too
     for name, expected in mine.replay.items():
         pieces = sorted(got["rows"][name], key=lambda p: p[0])
