@@ -28,6 +28,7 @@ import numpy as np
 
 PREFIX = "MinAtar/"
 RENDER_SCALE = 16  # --video: each grid cell becomes a 16x16 block (160x160 frames)
+RENDER_FPS = 10  # --video: MinAtar declares none (RecordVideo would play 30 steps a second)
 # Constants of a game object, fixed by its game and constructor (a fresh env holds the same):
 _GAME_CONSTANTS = frozenset({"random", "channels", "action_map"})
 _ENV_CONSTANTS = frozenset({"random", "env", "env_name", "n_channels", "sticky_action_prob", "visualized", "closed"})
@@ -54,6 +55,7 @@ class ChannelsFirst(gym.ObservationWrapper):
         super().__init__(env)
         h, w, c = env.observation_space.shape  # type: ignore[misc]
         self.observation_space = gym.spaces.Box(0, 1, (c, h, w), np.uint8)
+        self.metadata = {**env.metadata, "render_fps": RENDER_FPS}
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.moveaxis(observation, -1, 0), dtype=np.uint8)
