@@ -2,12 +2,13 @@
 gymnasium backend, no reward clipping, the game's state as checked data, rendering."""
 
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
-from mpirl import envs, envstate, minatar_env
+from mpirl import config, envs, envstate, minatar_env
 from mpirl.collector import Collector
 from mpirl.config import Config
 
@@ -112,3 +113,14 @@ def test_render_gives_uint8_rgb_frames_for_video():
     frame = env.render()
     assert frame.dtype == np.uint8 and frame.shape == (160, 160, 3) and frame.max() > 0
     assert isinstance(env, minatar_env.ChannelsFirst)
+
+
+def test_the_recipe_parses_and_keeps_the_papers_ratio():
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "minatar-dqn.toml"
+    cfg = config.parse_args(["--config", str(recipe)])
+    assert cfg.env_id == "MinAtar/Breakout-v1" and cfg.clip_rewards == "off"
+    # the paper's 32 samples per env step (one update of 32 per frame), per rank
+    assert cfg.batch_size_per_rank * cfg.gradient_steps / (cfg.num_envs_per_rank * cfg.train_every) == 32
+    # the paper's target period of 1,000 env steps of a rank
+    assert cfg.target_update_interval * cfg.num_envs_per_rank * cfg.train_every / cfg.gradient_steps == 1000
+    assert (cfg.buffer_size_per_rank, cfg.eps_end, cfg.eps_decay_steps, cfg.gamma) == (100_000, 0.1, 100_000, 0.99)
