@@ -1,16 +1,16 @@
 """MinAtar end to end under mpirun (issue 15): 2 ranks train the MinAtar network on uint8 planes,
 checkpoint, resume bitwise exactly (the games' state saved as data, sticky actions on), and
-``mpirl.evaluate`` plays the checkpoint."""
+``mpirl.evaluate`` plays the checkpoint (``--video`` too where moviepy is installed)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from mpi_launch import mpirun
+
+from mpirl import evaluate
 
 pytestmark = pytest.mark.mpi
 pytest.importorskip("minatar", reason="the minatar extra is not installed")
@@ -44,7 +44,7 @@ def _datasets(path):
     return out, counters
 
 
-def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path):
+def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     res = _train(straight, 3000)
     assert "4 gymnasium envs/rank" in res.stdout, res.stdout[:2000]  # auto: no EnvPool for MinAtar
@@ -68,22 +68,19 @@ def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path):
     for key in a:  # weights, optimizer, replay, the games with their RNGs and last actions
         np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs after resume")
 
-    out = subprocess.run([sys.executable, "-m", "mpirl.evaluate", str(straight), "--episodes", "3", "--json"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    played = json.loads(out.stdout)
+    # mpirl.evaluate in this process: what a user's `python -m mpirl.evaluate` runs, without a
+    # second interpreter's start-up (torch, minatar) on the test's clock
+    assert evaluate.main([str(straight), "--episodes", "3", "--json"]) == 0
+    played = json.loads(capsys.readouterr().out)
     assert played["env_id"] == "MinAtar/Breakout-v1" and played["episodes"] == 3 and played["mean"] >= 0
 
     videos = tmp_path / "videos"
-    out = subprocess.run([sys.executable, "-m", "mpirl.evaluate", str(straight), "--episodes", "1", "--video",
-                          str(videos)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    video_args = [str(straight), "--episodes", "1", "--video", str(videos)]
     try:
         import moviepy  # noqa: F401
     except ImportError:  # the package is optional: a one-line error naming it
-        assert (
-            out.returncode != 0
-            and out.stderr.strip() == "mpirl.evaluate: error: --video needs moviepy (pip install moviepy)"
-        )
+        with pytest.raises(SystemExit, match=r"^mpirl.evaluate: error: --video needs moviepy \(pip install moviepy\)$"):
+            evaluate.main(video_args)
     else:
-        assert out.returncode == 0, out.stderr
+        assert evaluate.main(video_args) == 0
         assert list(videos.glob("*.mp4"))
