@@ -14,6 +14,11 @@ observations (4, 84, 84) uint8. The base env is made with ``frameskip=1`` (the s
 wrapper's); sticky actions (ALE v5's p = 0.25) stay on unless ``--sticky-actions`` says
 otherwise. Reward clipping and terminal-on-life-loss belong to training only, so the trainer
 applies them (evaluation reports game scores).
+
+MinAtar games (``MinAtar/Breakout-v1`` ..., with the ``minatar`` extra) register on first use and
+give ``(C, 10, 10)`` uint8 planes of 0/1 through ``minatar_env.ChannelsFirst``, with the
+package's sticky actions (p = 0.1) and unclipped rewards; their game objects are saved as data
+(``minatar_env.game_state``), so they resume exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 
-from mpirl import envpool_shard, envstate
+from mpirl import envpool_shard, envstate, minatar_env
 from mpirl.config import Config
 
 
@@ -93,6 +98,21 @@ def _register_ale(env_id: str) -> None:
     gym.register_envs(ale_py)
 
 
+def _register_minatar(env_id: str) -> None:
+    """MinAtar's games register only once ``minatar.gym.register_envs()`` has run (gymnasium
+    1.x loads no plugins); the first use of a ``MinAtar/`` id runs it."""
+    if not minatar_env.is_minatar(env_id) or env_id in gym.registry:
+        return
+    try:
+        import minatar.gym
+    except ImportError:
+        raise EnvError(
+            f"{env_id} needs the minatar extra: pip install 'mpirl[minatar]', or MPIRL_EXTRAS=test,minatar "
+            "launch/install.sh"
+        ) from None
+    minatar.gym.register_envs()
+
+
 def is_atari(env_id: str) -> bool:
     """True for games of the Arcade Learning Environment (ale_py's entry point)."""
     _register_ale(env_id)
@@ -121,6 +141,9 @@ def _make_one(env_id: str, atari: AtariOptions = AtariOptions(), render_mode: Op
                 scale_obs=False,  # uint8 through replay; the network scales
             )
             return FrameStackObservation(env, atari.frame_stack)  # pads a reset with the first frame
+        _register_minatar(env_id)
+        if minatar_env.is_minatar(env_id):
+            return minatar_env.ChannelsFirst(gym.make(env_id, **kwargs))  # sticky p = 0.1: the package's
         return gym.make(env_id, **kwargs)
     except gym.error.Error as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -216,7 +239,12 @@ _STATIC_TYPES = (gym.Space, gym.envs.registration.EnvSpec, type, functools.parti
 
 
 def _static_name(layer: Any, name: str) -> bool:
-    return name in _STATIC or (name == "_action_set" and hasattr(layer, "ale"))  # ALE: the ROM's actions
+    return (
+        name in _STATIC
+        or (name == "_action_set" and hasattr(layer, "ale"))  # ALE: the ROM's actions
+        # MinAtar: the game object graph travels as minatar_env.game_state; action_set is the game's
+        or (name in ("game", "action_set") and minatar_env.is_base_env(layer))
+    )
 
 
 def _is_static(layer: Any, name: str, value: Any) -> bool:
@@ -228,16 +256,20 @@ def _class_name(layer: Any) -> str:
 
 
 def _env_state(env: gym.Env) -> dict[str, Any]:
-    """One sub-env: each layer's class name and dynamic attributes, and the ALE emulator's state
-    (with its RNG). ALE's state lacks the last emulator action, which a sticky action repeats:
-    with sticky actions on, the first frames after a restore can differ (bitwise-exact resume
-    needs ``--sticky-actions 0``)."""
+    """One sub-env: each layer's class name and dynamic attributes, the ALE emulator's state
+    (with its RNG), and a MinAtar game's objects (key ``minatar``, only for MinAtar envs). ALE's
+    state lacks the last emulator action, which a sticky action repeats: with sticky actions on,
+    the first frames after a restore can differ (bitwise-exact resume needs ``--sticky-actions
+    0``). MinAtar's state holds its last action: exact with its sticky actions on."""
     layers = _layers(env)
-    return {
+    state = {
         "classes": [_class_name(layer) for layer in layers],
         "layers": [{k: v for k, v in vars(layer).items() if not _is_static(layer, k, v)} for layer in layers],
         "ale": env.unwrapped.ale.cloneState(include_rng=True) if _is_ale_env(env) else None,  # type: ignore[attr-defined]
     }
+    if minatar_env.is_base_env(env.unwrapped):
+        state["minatar"] = minatar_env.game_state(env.unwrapped)
+    return state
 
 
 def vector_state(vec: gym.vector.VectorEnv) -> Optional[dict[str, Any]]:
@@ -265,9 +297,11 @@ def restore_vector_state(vec: gym.vector.VectorEnv, tree: Any) -> None:
     if len(saved) != len(fresh) or autoreset.shape != (len(fresh),) or autoreset.dtype != bool:
         raise envstate.EnvStateError(f"env state: saved shard has {len(saved)} envs, this one {len(fresh)}")
     plans = [_check_env(env, state, i) for i, (env, state) in enumerate(zip(fresh, saved))]  # all before any change
-    for env, (attrs, ale_state) in zip(fresh, plans):
+    for env, (attrs, ale_state, game) in zip(fresh, plans):
         for layer, values in zip(_layers(env), attrs):
             vars(layer).update(values)
+        if game is not None:
+            minatar_env.restore_game_state(env.unwrapped, game)
         if ale_state is not None:
             try:
                 env.unwrapped.ale.restoreState(ale_state)
@@ -282,8 +316,9 @@ def _field(tree: Any, key: str, kind: type) -> Any:
     return tree[key]
 
 
-def _check_env(env: gym.Env, state: Any, i: int) -> tuple[list[dict[str, Any]], Any]:
-    """Env ``i``'s saved (attributes per layer, emulator state), checked against the fresh env."""
+def _check_env(env: gym.Env, state: Any, i: int) -> tuple[list[dict[str, Any]], Any, Any]:
+    """Env ``i``'s saved (attributes per layer, emulator state, MinAtar game), checked against
+    the fresh env."""
     layers, classes = _layers(env), _field(state, "classes", list)
     if classes != [_class_name(layer) for layer in layers]:
         raise envstate.EnvStateError(f"env state: env {i} was saved with another wrapper chain: {classes}")
@@ -299,7 +334,15 @@ def _check_env(env: gym.Env, state: Any, i: int) -> tuple[list[dict[str, Any]], 
         raise envstate.EnvStateError(
             f"env state: env {i}: emulator state {'missing' if ale_state is None else 'unexpected'}"
         )
-    return attrs, ale_state
+    game = state.get("minatar")
+    if (game is None) == minatar_env.is_base_env(env.unwrapped):
+        raise envstate.EnvStateError(f"env state: env {i}: MinAtar game {'missing' if game is None else 'unexpected'}")
+    if game is not None:
+        try:
+            game = minatar_env.check_game_state(env.unwrapped, game)
+        except minatar_env.GameStateError as exc:
+            raise envstate.EnvStateError(f"env state: env {i}: {exc}") from None
+    return attrs, ale_state, game
 
 
 class EpisodeTracker:

@@ -1,7 +1,11 @@
-"""Q-networks built from observation shapes, not environments: MLP, Nature CNN, dueling head.
+"""Q-networks built from observation shapes, not environments: MLP, Nature CNN, MinAtar CNN,
+dueling head.
 
-Images (3-D observations, channels first, uint8) get the Nature-DQN CNN and are scaled to
-[0, 1] inside the network, so replay and the host->device copy stay uint8.
+Images (3-D observations, channels first, uint8) get a CNN chosen by their size: Atari-sized
+frames (H, W >= 36, e.g. 84x84) the Nature-DQN CNN, which scales 0..255 pixels to [0, 1] inside
+the network; small grids (H, W <= 16, e.g. MinAtar's 10x10) the MinAtar paper's network, which
+takes the planes as they are (0/1 occupancy, already in [0, 1]: dividing by 255 would shrink the
+inputs 255-fold for nothing). Either way replay and the host->device copy stay uint8.
 """
 
 from __future__ import annotations
@@ -70,11 +74,36 @@ class NatureCNNQNetwork(nn.Module):
         return self.head(self.fc(self.body(obs.float() / 255.0)))
 
 
+class MinAtarQNetwork(nn.Module):
+    """Young & Tian 2019 (MinAtar) network for small (C, H, W) grids of 0/1 planes: one 3x3
+    convolution of 16 channels, stride 1, no padding (10x10 -> 8x8), ReLU, a 128-unit layer,
+    ReLU, then the Q head (dueling: value and advantage streams of 128 units each)."""
+
+    FEATURES = 128
+
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, dueling: bool) -> None:
+        super().__init__()
+        c, h, w = obs_shape
+        self.body = nn.Sequential(nn.Conv2d(c, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(16 * (h - 2) * (w - 2), self.FEATURES), nn.ReLU())
+        self.head = QHead(self.FEATURES, n_actions, dueling, hidden=self.FEATURES)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.body(obs.float())))  # 0/1 planes: no /255 (module docstring)
+
+
+SMALL_GRID = 16  # images with H, W <= this get the MinAtar network
+LARGE_FRAME = 36  # images with H, W >= this get the Nature CNN (its 8x8/4, 4x4/2, 3x3/1 need >= 36)
+
+
 def build(obs_shape: Sequence[int], n_actions: int, hidden_sizes: Sequence[int], dueling: bool) -> nn.Module:
-    """The Q-network for an observation shape: CNN for (C, H, W) with H, W >= 36, else MLP."""
+    """The Q-network for an observation shape: the Nature CNN for (C, H, W) with H, W >= 36, the
+    MinAtar network for 3 <= H, W <= 16, else an MLP of ``hidden_sizes`` (the CNNs ignore it)."""
     shape = tuple(int(s) for s in obs_shape)
-    if len(shape) == 3 and min(shape[1:]) >= 36:
+    if len(shape) == 3 and min(shape[1:]) >= LARGE_FRAME:
         return NatureCNNQNetwork(shape, n_actions, dueling)
+    if len(shape) == 3 and 3 <= min(shape[1:]) and max(shape[1:]) <= SMALL_GRID:
+        return MinAtarQNetwork(shape, n_actions, dueling)
     if len(shape) in (1, 2) or len(shape) == 3:
         dim = 1
         for s in shape:

@@ -1,5 +1,6 @@
 """Collector env state through a checkpoint's path (state() -> bytes in chunks -> end_restore):
-data only, never unpickled; CartPole and Pong resume bitwise exactly (issue 18)."""
+data only, never unpickled; CartPole, Pong and the MinAtar games resume bitwise exactly
+(issues 18 and 15)."""
 
 from __future__ import annotations
 
@@ -75,11 +76,18 @@ def same_collectors(a: Collector, b: Collector) -> None:
     [
         ("CartPole-v1", {}, pole_policy, 45, 300),
         pytest.param("ALE/Pong-v5", {"sticky_actions": 0.0}, None, 60, 150, id="Pong"),
+        # MinAtar with its sticky actions on (p = 0.1): the game's last action is in its state
+        *[
+            pytest.param(f"MinAtar/{game}-v1", {}, None, 150, 400, id=f"MinAtar-{game}")
+            for game in ("Breakout", "SpaceInvaders", "Asterix", "Freeway", "Seaquest")
+        ],
     ],
 )
 def test_resume_is_bitwise_exact(env_id, kw, greedy, before, after):
     if env_id.startswith("ALE/"):
         pytest.importorskip("ale_py")
+    if env_id.startswith("MinAtar/"):
+        pytest.importorskip("minatar", reason="the minatar extra is not installed")
     epsilon = 0.5 if greedy else 1.0  # Pong: random play (no network here), from the collector's RNG
     a = make(env_id, **kw)
     record(a, before, greedy, epsilon)
