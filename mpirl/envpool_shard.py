@@ -121,7 +121,7 @@ def choose(requested: str, env_id: str, atari: Optional[Any], obs_shape: tuple[i
     for ALE games where it is installed and has the game with the observation and action spaces
     the gymnasium path gives (``obs_shape``, ``n_actions``), else gymnasium. Classic-control envs
     stay on gymnasium under auto: their steps are microseconds next to an update (EnvPool trains
-    CartPole only 5-10% faster, benchmarks/atari_throughput.py), and gymnasium's envs resume
+    CartPole no faster: 0.85-0.89x in benchmarks/atari_throughput.py), and gymnasium's envs resume
     exactly, EnvPool's cannot be snapshotted. ALE games under the default sticky actions do not
     resume bitwise on either backend, and their steps are what a GPU waits on. ValueError (one
     line) when envpool is asked for and cannot serve."""
