@@ -412,6 +412,10 @@ def _settle(timeout: float = 10.0) -> None:
                 time.sleep(0.01)
 
 
+def exit_process(code: int) -> None:  # the CLI's last call; the torch backend skips C++ teardown (its exit)
+    getattr(_B, "exit", sys.exit)(code)
+
+
 def run_or_abort(fn: Callable[[], T], user_errors: tuple[type[BaseException], ...] = ()) -> T:
     """Run ``fn``; on an uncaught exception print it with this rank and abort every rank.
 

@@ -15,7 +15,8 @@ import atexit
 import datetime as _dt
 import os
 import socket
-from typing import Any, Optional
+import sys
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -146,6 +147,21 @@ class TorchBackend:
     def destroy(self) -> None:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+    def exit(self, code: int) -> NoReturn:
+        """End the process after a finished run without C++ static destructors: torch's
+        process-group and store threads, torn down at interpreter exit, can still end a rank
+        with "terminate called without an active exception" (SIGABRT, exit 134; seen once in
+        ~100 CI runs even with ``destroy`` at exit). MPI is finalized first, as mpirun expects."""
+        self.destroy()
+        if "mpi4py.MPI" in sys.modules:
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class TorchGradientSync:

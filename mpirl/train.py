@@ -12,6 +12,7 @@ import sys
 import types
 from typing import Any, NoReturn
 
+from mpirl.dist import exit_process
 from mpirl.trainer import main
 
 
@@ -23,4 +24,4 @@ class _CommandLineModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CommandLineModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
