@@ -86,3 +86,19 @@ def mpirun(args: Sequence[str], np: int = 2, timeout: float = 240, env: Optional
         pytest.fail("mpirun not found: run the README's test command, which installs OpenMPI")
     cmd = [MPIRUN, "-np", str(np), "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "mpi4py", *args]
     return run(cmd, timeout, env=mpi_env(env), cwd=cwd)
+
+
+def latest_checkpoint(run_dir):
+    """The checkpoint a run directory's ``checkpoints/latest`` names (a pathlib.Path)."""
+    folder = run_dir / "checkpoints"
+    return folder / (folder / "latest").read_text().strip()
+
+
+def checkpoint_datasets(path) -> dict:
+    """Every dataset of a checkpoint, read whole, by HDF5 path (for bitwise comparisons)."""
+    import h5py
+
+    out: dict = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out

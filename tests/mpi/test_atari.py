@@ -7,6 +7,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from mpi_launch import checkpoint_datasets as _datasets
+from mpi_launch import latest_checkpoint as _latest
 from mpi_launch import mpirun
 
 pytestmark = pytest.mark.mpi
@@ -28,18 +30,6 @@ def _train(run_dir, steps, *extra, np=2):
                  np=np, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.output[-4000:]
     return res
-
-
-def _latest(run_dir):
-    folder = run_dir / "checkpoints"
-    return folder / (folder / "latest").read_text().strip()
-
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 @pytest.mark.parametrize("backend", ["horovod", "torch"])

@@ -10,6 +10,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from mpi_launch import latest_checkpoint as _latest
 from mpi_launch import mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
@@ -24,11 +25,6 @@ def _train(run_dir, steps, *extra, np=2, timeout=240):
                  np=np, timeout=timeout)  # fmt: skip
     assert res.returncode == 0, res.output[-4000:]
     return res
-
-
-def _latest(run_dir):
-    folder = run_dir / "checkpoints"
-    return folder / (folder / "latest").read_text().strip()
 
 
 def _contents(path):

@@ -8,6 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from mpi_launch import checkpoint_datasets as _datasets
+from mpi_launch import latest_checkpoint as _latest
 from mpi_launch import mpirun
 
 from mpirl import evaluate
@@ -24,24 +26,16 @@ ARGS = ["--config", str(RECIPE), "--env", "MinAtar/Breakout-v1", "--buffer-size-
         "--checkpoint-interval", "0", "--no-tensorboard"]  # fmt: skip
 
 
+def _counters(path):
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["counters"])
+
+
 def _train(run_dir, steps, *extra):
     res = mpirun(["-m", "mpirl.train", *ARGS, "--total-env-steps", str(steps), "--run-dir", str(run_dir), *extra],
                  np=2, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.output[-4000:]
     return res
-
-
-def _latest(run_dir):
-    folder = run_dir / "checkpoints"
-    return folder / (folder / "latest").read_text().strip()
-
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        counters = json.loads(f.attrs["counters"])
-    return out, counters
 
 
 def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys):
@@ -62,7 +56,8 @@ def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys)
     _train(split, 1500)
     res = _train(split, 3000, "--resume", "auto")
     assert "exact resume" in res.stdout, res.stdout[-2000:]
-    (a, ca), (b, cb) = _datasets(_latest(straight)), _datasets(_latest(split))
+    a, b = _datasets(_latest(straight)), _datasets(_latest(split))
+    ca, cb = (_counters(_latest(r)) for r in (straight, split))
     assert ca == cb and ca["global_env_steps"] == 3000
     assert sorted(a) == sorted(b)
     for key in a:  # weights, optimizer, replay, the games with their RNGs and last actions
