@@ -54,7 +54,8 @@ def world(cfg: Config, world_size: int, memory_verdicts: Sequence[str] = ()) -> 
     if cfg.total_env_steps // world_size <= cfg.learning_starts_per_rank:
         per_rank, starts = cfg.total_env_steps // world_size, cfg.learning_starts_per_rank
         raise ConfigError(f"--total-env-steps over {world_size} rank(s) is {per_rank} env steps per rank, not more "
-                          f"than --learning-starts-per-rank ({starts}): the run could never update")  # fmt: skip
+                          f"than --learning-starts-per-rank ({starts}): the run could never update (lower "
+                          f"--learning-starts-per-rank below {per_rank}, or raise --total-env-steps)")  # fmt: skip
     short = [(r, v) for r, v in enumerate(memory_verdicts) if v]
     if short:
         raise ConfigError(f"{short[0][1]} (rank {short[0][0]}'s node)")
