@@ -28,11 +28,10 @@ Torch threads: 1 per process (SB3 too, ``--sb3-threads``): mpirl's launcher bind
 and on this 2-core machine a second intra-op thread for a network this small cost more than it
 gave (an update of 128 samples took 6 ms on 1 thread and 23 ms on 2 with the machine busy).
 
-Wall time of the default comparison on this project's 2-core machine, estimated from --quick and
-40k-step runs of each variant (Breakout, seed 1) made while another job's test suite kept the
-load at 4-6: per game and seed about 230 s (SB3) + 200 s (mpirl-1) + 125 s (mpirl-2) at 100k
-steps, so about 58 minutes for 2 games x 3 seeds with that load, and an estimated 35-45 minutes
-on an idle machine. (Start-up, evaluation and checkpoint add 15-25 s per run.) Needs stable-baselines3 (the
+Wall time of the default comparison on this project's 2-core machine: 51.6 minutes for 2 games x
+3 seeds (2026-11-29, run at ``nice -15`` while other jobs kept the load at 2-5; BENCHMARKS.md).
+Per game and seed about 190-240 s (SB3) + 175-200 s (mpirl-1) + 95-140 s (mpirl-2).
+(Start-up, evaluation and checkpoint add 15-25 s per run.) Needs stable-baselines3 (the
 ``bench`` extra) and minatar (the ``minatar`` extra), and matplotlib for the PNGs.
 """
 
@@ -61,7 +60,8 @@ from mpirl.metrics import MetricsWriter  # noqa: E402
 
 RECIPE = os.path.join(REPO, "configs", "minatar-dqn.toml")
 GAMES = ["MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1"]
-RANDOM_RETURN = {"MinAtar/Breakout-v1": 0.4, "MinAtar/SpaceInvaders-v1": 4.0}  # uniform random play
+# uniform random play, sticky actions 0.1, 300 episodes each (measured 2026-11-29; BENCHMARKS.md)
+RANDOM_RETURN = {"MinAtar/Breakout-v1": 0.50, "MinAtar/SpaceInvaders-v1": 2.91}
 VARIANTS = ["sb3", "mpirl-1", "mpirl-2"]
 QUICK_BUDGET = 3_000
 GOAL_RATIO = 0.5  # issue 15: mpirl at 2 ranks in at most half of SB3's wall time
