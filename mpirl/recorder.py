@@ -16,6 +16,7 @@ observation (a reset row; the action that step was given was ignored by the env)
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -23,7 +24,9 @@ import numpy as np
 from mpirl import envs, envstate, recording
 from mpirl.config import Config
 
-LIMIT_BYTES = 32 << 20  # rows held per rank before they are written (one chunk)
+# Rows held per rank before they are written as one chunk; MPIRL_RECORD_CHUNK_BYTES overrides
+# (tests use small chunks, so that episodes span them and chunks fall between checkpoints).
+LIMIT_BYTES = int(os.environ.get("MPIRL_RECORD_CHUNK_BYTES", 32 << 20))
 
 
 class Recorder:
@@ -58,6 +61,7 @@ class Recorder:
         self.current = np.full(E, -1, dtype=np.int64)  # env -> its fragment in this buffer (-1: none)
         self.chunks_written = 0
         self.bytes_written = 0  # on disk, after compression
+        self.write_s = 0.0  # seconds in chunk writes (compression, fsync), on this rank's main thread
 
     # --- rows ---------------------------------------------------------------------------
     def _frames(self, obs: np.ndarray) -> np.ndarray:
@@ -145,7 +149,9 @@ class Recorder:
             "reset": frag[:, 5].astype(bool),
             "last": last,
         }
+        t0 = time.perf_counter()
         path = recording.write_chunk(self.directory, self.rank, self.attrs, self.obs[:n][order], rows, fragments)
+        self.write_s += time.perf_counter() - t0
         # Steps each env's current episode has on disk now (reset rows are not steps).
         steps_of = dict(zip(slots.tolist(), (counts - fragments["reset"]).tolist()))
         for e, cur in enumerate(self.current.tolist()):
@@ -208,10 +214,22 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def identity(cfg: Config, info: envs.EnvInfo) -> dict[str, Any]:
+    """What every run appending to one recording must share (``recording.IDENTITY``)."""
+    K = info.frame_stack
+    return {
+        "env_id": cfg.env_id,
+        "obs_shape": list(info.obs_shape[1:] if K else info.obs_shape),  # as stored: one frame per row
+        "obs_dtype": np.dtype(info.obs_dtype).name,
+        "frame_stack": K,
+        "n_actions": int(info.n_actions),
+        "seed": cfg.seed,
+    }
+
+
 def manifest(cfg: Config, info: envs.EnvInfo, versions: dict[str, str]) -> dict[str, Any]:
     """What the manifest says about the whole recording: how the data was made, for the exported
     datasets' metadata. Makes one env (rank 0, at start) for its observation space's bounds."""
-    K = info.frame_stack
     env = envs.make_env(cfg.env_id, envs.atari_options(cfg))
     try:
         space = env.observation_space
@@ -223,13 +241,10 @@ def manifest(cfg: Config, info: envs.EnvInfo, versions: dict[str, str]) -> dict[
     return {
         "format": recording.FORMAT,
         "version": recording.VERSION,
-        "env_id": cfg.env_id,
+        **identity(cfg, info),
         "env_spec": envs.spec_json(cfg.env_id),  # the registered env's EnvSpec (JSON), None if not serialisable
         "observation_space": box,
-        "obs_shape": list(info.obs_shape[1:] if K else info.obs_shape),  # as stored: one frame per row
-        "obs_dtype": np.dtype(info.obs_dtype).name,
         "env_obs_shape": list(info.obs_shape),  # what the agent saw (K stacked frames for Atari)
-        "frame_stack": K,
         "atari": bool(info.atari),
         "atari_preprocessing": {
             "noop_max": cfg.noop_max,
@@ -240,8 +255,6 @@ def manifest(cfg: Config, info: envs.EnvInfo, versions: dict[str, str]) -> dict[
         }
         if info.atari
         else None,  # fmt: skip
-        "n_actions": int(info.n_actions),
-        "seed": cfg.seed,
         "epsilon_schedule": {
             "kind": "linear over global env steps",
             "start": cfg.eps_start,
@@ -253,6 +266,17 @@ def manifest(cfg: Config, info: envs.EnvInfo, versions: dict[str, str]) -> dict[
         "config": cfg.to_dict(),  # the first segment's; each segment has its own
         "segments": [],
     }
+
+
+def prepare(cfg: Config, info: envs.EnvInfo, world_size: int, start_step: int, collector: Any,
+            versions: dict[str, str]) -> str:  # fmt: skip
+    """Rank 0: ready --record-episodes' directory for a run at (resumed) ``start_step`` whose
+    ``collector`` is set up (its env seeds go into the manifest's segment); a note for the log."""
+    seeds = seeds_note(cfg, collector.fresh, collector.seed_step)
+    segment = recording.new_segment(start_step, world_size, cfg.to_dict(), seeds)
+    segment["env_backend"] = versions.pop("env_backend", "")
+    made = manifest(cfg, info, versions)
+    return recording.prepare(cfg.record_episodes, made, segment, bool(cfg.resume), cfg.overwrite)
 
 
 def seeds_note(cfg: Config, fresh: bool, seed_step: int) -> str:

@@ -127,31 +127,46 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+IDENTITY = ("env_id", "obs_shape", "obs_dtype", "frame_stack", "n_actions", "seed")  # what one recording shares
+
+
+def check(directory: str, identity: dict[str, Any], resumed: bool, overwrite: bool) -> bool:
+    """Rank 0, before the run creates anything: can this run record into ``directory``? True if
+    it holds a recording already. RecordingError (one line) when that recording is of another
+    env, observations or seed, or holds chunks while this run is fresh (neither --resume nor
+    --overwrite: a new run would mix its episodes into another run's)."""
+    if not os.path.exists(os.path.join(directory, MANIFEST)):
+        if os.path.isfile(directory):
+            raise RecordingError(f"--record-episodes {directory} is a file, not a directory")
+        return False
+    old = read_manifest(directory)
+    for key in IDENTITY:
+        if old.get(key) != identity.get(key):
+            raise RecordingError(
+                f"{directory} holds a recording of another run ({key}: {old.get(key)!r}, this run "
+                f"{identity.get(key)!r}); choose another --record-episodes directory"
+            )
+    if list_chunks(directory) and not resumed and not overwrite:
+        raise RecordingError(
+            f"{directory} already holds a recording; pass --resume auto to continue its run, "
+            "--overwrite to start it again, or another --record-episodes directory"
+        )
+    return True
+
+
 def prepare(directory: str, manifest: dict[str, Any], segment: dict[str, Any], resumed: bool, overwrite: bool) -> str:
     """Rank 0, before any rank records: make ``directory`` ready for a run starting (or resuming)
-    at global step ``segment['start_step']``; returns a note for the log. The manifest of an
-    existing recording must be of the same env, observations and seed (RecordingError otherwise);
-    a fresh run (not resumed) reuses a recording only with --overwrite or --resume auto (its
-    chunks are then all discarded, as a resume from step 0 would). Chunks later than the start
-    step are deleted (the run redoes their steps), temporaries of an interrupted write too."""
+    at global step ``segment['start_step']`` (``check`` first); returns a note for the log.
+    Chunks later than the start step, and those of runs that started at it or later, are deleted
+    (this run redoes their steps; a fresh run, step 0, discards them all), temporaries of an
+    interrupted write too; the manifest keeps the segments before the start and adds this one."""
     start = int(segment["start_step"])
     folder = chunk_dir(directory)
+    existing = check(directory, manifest, resumed, overwrite)
     try:
         os.makedirs(folder, exist_ok=True)
-        existing = os.path.exists(os.path.join(directory, MANIFEST))
         if existing:
             old = read_manifest(directory)
-            for key in ("env_id", "obs_shape", "obs_dtype", "frame_stack", "n_actions", "seed"):
-                if old.get(key) != manifest.get(key):
-                    raise RecordingError(
-                        f"{directory} holds a recording of another run ({key}: {old.get(key)!r}, this run "
-                        f"{manifest.get(key)!r}); choose another --record-episodes directory"
-                    )
-            if list_chunks(directory) and not resumed and not overwrite:
-                raise RecordingError(
-                    f"{directory} already holds a recording; pass --resume auto to continue its run, "
-                    "--overwrite to start it again, or another --record-episodes directory"
-                )
             manifest = {**old, "segments": [s for s in old.get("segments", []) if s["start_step"] < start]}
         dropped = 0
         for name in os.listdir(folder):

@@ -143,6 +143,10 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
     stored = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
         lambda: resume.find(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
     )
+    if cfg.record_episodes:  # HVD: a recording this run cannot continue stops it before anything is created
+        check = functools.partial(recording.check, cfg.record_episodes, recorder.identity(cfg, info), bool(cfg.resume),
+                                  cfg.overwrite)  # fmt: skip
+        dist.rank0_decides(check, name="mpirl.record.check", errors=ConfigError)
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
     run.io_allowance_s = watchdog.io_seconds(need)  # the same on every rank
@@ -154,10 +158,10 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
                 run.log(line)
 
     if cfg.record_episodes:  # HVD: rank 0 readies the recording (drops chunks after this step) before any rank writes
-        prepare = functools.partial(_prepare_recording, run, env_backend)
+        prepare = functools.partial(recorder.prepare, cfg, info, ctx.size, counters.global_env_steps, collector,
+                                    {**_versions(), "env_backend": env_backend})  # fmt: skip
         run.log(dist.rank0_decides(prepare, name="mpirl.record", errors=ConfigError))
-        attrs = {"env_id": cfg.env_id, "obs_dtype": info.obs_dtype.name, "segment": counters.global_env_steps}
-        collector.start_recording(cfg.record_episodes, attrs)
+        collector.start_recording(cfg.record_episodes, counters.global_env_steps)
 
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
     resumed_at = None if stored is None else counters.global_env_steps
@@ -297,16 +301,6 @@ def _flush_episode_log(run: Run) -> None:
     by_rank = dist.gather_to_root(run.collector.stats.take_finished())  # MPI: gather (small)
     if run.writer is not None:
         run.writer.write_episodes(by_rank)
-
-
-def _prepare_recording(run: Run, env_backend: str) -> str:
-    """Rank 0: --record-episodes' directory ready for this run at its (resumed) step."""
-    cfg, c, col = run.cfg, run.state.counters, run.collector
-    made = recorder.manifest(cfg, run.info, _versions())
-    seeds = recorder.seeds_note(cfg, col.fresh, col.seed_step)
-    segment = recording.new_segment(c.global_env_steps, run.ctx.size, cfg.to_dict(), seeds)
-    segment["env_backend"] = env_backend
-    return recording.prepare(cfg.record_episodes, made, segment, bool(cfg.resume), cfg.overwrite)
 
 
 def _versions() -> dict[str, str]:

@@ -28,14 +28,14 @@ E = 2  # envs of the toy shard: env 0 kind 0 (seed 10), env 1 kind 1 (seed 11)
 
 
 def start(directory, cfg: Config, at: int = 0, resumed: bool = False, col: Collector | None = None,
-          limit: int = 8 * 56) -> Collector:  # fmt: skip
+          limit: int = 8 * 56, backend: str = "gymnasium") -> Collector:  # fmt: skip
     """A collector recording into ``directory`` from global step ``at`` (prepared as the trainer
     does); ``limit``: bytes of rows per chunk (8 toy rows: episodes span chunks)."""
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
-    col = col or Collector(cfg, info, rank=0)
+    col = col or Collector(cfg, info, rank=0, env_backend=backend)
     seg = recording.new_segment(at, 1, cfg.to_dict(), recorder.seeds_note(cfg, col.fresh, col.seed_step))
     recording.prepare(str(directory), recorder.manifest(cfg, info, {"mpirl": "test"}), seg, resumed, False)
-    col.start_recording(str(directory), {"env_id": cfg.env_id, "obs_dtype": info.obs_dtype.name, "segment": at}, limit)
+    col.start_recording(str(directory), at, limit)
     return col
 
 
@@ -170,11 +170,14 @@ def test_recording_from_a_resume_without_recorder_state_starts_at_each_reset(tmp
     assert log <= {(ep.end_step, ep.env, float(r["rewards"][1:].sum()), len(r["obs"]) - 1) for ep, r in got}
 
 
-def test_pong_frames_come_back_as_the_stacks_the_agent_saw(tmp_path):
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_pong_frames_come_back_as_the_stacks_the_agent_saw(tmp_path, backend):
     pytest.importorskip("ale_py")
-    cfg = make_cfg(env_id="ALE/Pong-v5", num_envs_per_rank=1, sticky_actions=0.0, noop_max=0,
-                   clip_rewards="auto", learning_starts_per_rank=8)  # fmt: skip
-    col = start(tmp_path / "rec", cfg, limit=300 * 84 * 84)  # a chunk of ~300 frames: episodes span chunks
+    if backend == "envpool":
+        pytest.importorskip("envpool", reason="EnvPool is not installed (its wheels need Python >= 3.11)")
+    cfg = make_cfg(env_id="ALE/Pong-v5", num_envs_per_rank=1, clip_rewards="auto", learning_starts_per_rank=8)
+    # a chunk of ~300 frames: episodes span chunks; random no-ops and sticky actions on (the defaults)
+    col = start(tmp_path / "rec", cfg, limit=300 * 84 * 84, backend=backend)
     seen = [col.obs[0].copy()]
     inner = col.vec.step
 
