@@ -36,6 +36,7 @@ that want the env's own observation space, at about K times the bytes before com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -220,13 +221,29 @@ def _space(m: dict[str, Any], stack: bool) -> str:
     return json.dumps(box)
 
 
-def _staged(path: str, overwrite: bool) -> str:
-    """A temporary path beside ``path``; RecordingError when ``path`` exists and may not be replaced."""
+@contextlib.contextmanager
+def _staged(path: str, overwrite: bool) -> Iterator[str]:
+    """A temporary path beside ``path`` to write the output into; moved into place when the block
+    ends, removed when it fails (a refused recording leaves no half-written output).
+    RecordingError when ``path`` exists and may not be replaced."""
     if os.path.exists(path) and not overwrite:
         raise RecordingError(f"{path} already exists; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _publish(tmp, path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def _publish(tmp: str, path: str) -> None:
@@ -236,22 +253,28 @@ def _publish(tmp: str, path: str) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     fsutil.fsync(os.path.dirname(os.path.abspath(path)))
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-    elif os.path.exists(old):
-        os.remove(old)
+    _remove(old)
 
 
 def write_minari(index: Index, root: str, dataset_id: str, stack: bool, compression: str, overwrite: bool) -> str:
     """The Minari dataset ``dataset_id`` under ``root``; returns its directory."""
     namespace, _, _ = _parse_id(dataset_id)
     final = os.path.join(root, dataset_id)
-    tmp = _staged(final, overwrite)
-    data = os.path.join(tmp, "data")
-    os.makedirs(data)
-    comp, m = _compression(compression), index.manifest
+    _some(index)
+    with _staged(final, overwrite) as tmp:
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        steps = _minari_episodes(index, os.path.join(data, "main_data.hdf5"), stack, _compression(compression))
+        with open(os.path.join(data, "metadata.json"), "w", encoding="utf-8") as fh:
+            json.dump(_minari_metadata(index, dataset_id, steps, stack), fh)
+    _namespace_files(root, namespace)
+    return final
+
+
+def _minari_episodes(index: Index, path: str, stack: bool, comp: dict[str, Any]) -> int:
+    """Minari's ``main_data.hdf5``: one group per episode; returns the steps written."""
     steps = 0
-    with h5py.File(os.path.join(data, "main_data.hdf5"), "w", track_order=True) as f:
+    with h5py.File(path, "w", track_order=True) as f:
         for i, (ep, rows) in enumerate(iter_episodes(index, stack)):
             g = f.create_group(f"episode_{i}")
             n = len(rows["obs"]) - 1
@@ -269,6 +292,12 @@ def write_minari(index: Index, root: str, dataset_id: str, stack: bool, compress
             for key in ("epsilon", "explored", "global_step"):
                 _data(infos, key, rows[key], comp)
             steps += n
+    return steps
+
+
+def _minari_metadata(index: Index, dataset_id: str, steps: int, stack: bool) -> dict[str, Any]:
+    """Minari's ``metadata.json``, with mpirl's account of how the data was made under ``mpirl``."""
+    m = index.manifest
     own_obs = not m.get("atari") and not str(m["env_id"]).startswith("MinAtar/")
     meta = {
         "dataset_id": dataset_id,
@@ -285,12 +314,12 @@ def write_minari(index: Index, root: str, dataset_id: str, stack: bool, compress
     }
     if own_obs and m.get("env_spec"):  # recover_environment() gives these observations only without preprocessing
         meta["env_spec"] = m["env_spec"]
-    with open(os.path.join(data, "metadata.json"), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    _publish(tmp, final)
-    _namespace_files(root, namespace)
-    return final
+    return meta
+
+
+def _some(index: Index) -> None:
+    if not index.episodes:
+        raise RecordingError(f"{index.directory}: no finished episode to export ({index.unfinished} unfinished)")
 
 
 def _parse_id(dataset_id: str) -> tuple[Optional[str], str, int]:
@@ -315,8 +344,14 @@ def _namespace_files(root: str, namespace: Optional[str]) -> None:
 
 def write_d4rl(index: Index, path: str, stack: bool, compression: str, overwrite: bool) -> str:
     """D4RL's flat HDF5 file at ``path``; returns it."""
-    tmp = _staged(path, overwrite)
-    comp = _compression(compression)
+    _some(index)
+    with _staged(path, overwrite) as tmp:
+        _d4rl_file(index, tmp, stack, _compression(compression))
+        fsutil.fsync(tmp)
+    return path
+
+
+def _d4rl_file(index: Index, tmp: str, stack: bool, comp: dict[str, Any]) -> None:
     table: dict[str, list[Any]] = {k: [] for k in ("first_step", "steps", "return", "rank", "env", "env_seed",
                                                    "episode_in_env", "end_global_step")}  # fmt: skip
     with h5py.File(tmp, "w") as f:
@@ -347,9 +382,6 @@ def write_d4rl(index: Index, path: str, stack: bool, compression: str, overwrite
             )
         f.attrs["metadata"] = json.dumps(metadata(index, stack))
         f.attrs["env_id"] = index.manifest["env_id"]
-    fsutil.fsync(tmp)
-    _publish(tmp, path)
-    return path
 
 
 def summary_line(index: Index) -> str:

@@ -237,9 +237,10 @@ def test_a_truncated_or_foreign_chunk_is_refused_with_one_line(tmp_path, capsys)
     chunks = recording.list_chunks(str(tmp_path / "rec"))
     data = open(chunks[3], "rb").read()
     open(chunks[3], "wb").write(data[: len(data) // 2])
-    assert export.main([str(tmp_path / "rec")]) == 2
+    assert export.main([str(tmp_path / "rec"), "--d4rl", str(tmp_path / "out" / "x.hdf5")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged or truncated chunk" in err and chunks[3] in err
+    assert not os.path.exists(tmp_path / "out")
     shutil.copy(chunks[4], chunks[3])  # a chunk's rows twice: the episodes it ends, end twice
     assert export.main([str(tmp_path / "rec")]) == 2
     assert "ends twice (a chunk is duplicated)" in capsys.readouterr().err
@@ -248,6 +249,20 @@ def test_a_truncated_or_foreign_chunk_is_refused_with_one_line(tmp_path, capsys)
     os.remove(chunks[4])  # a missing chunk: the episodes it held part of do not join
     assert export.main([str(tmp_path / "rec")]) == 2
     assert "does not join" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_output_behind(tmp_path, capsys):
+    col = start(tmp_path / "rec", make_cfg())
+    steps(col, 30)
+    col.close()
+    last = recording.list_chunks(str(tmp_path / "rec"))[-1]
+    with h5py.File(last, "r+") as f:  # consistent checksums, but an episode that ends twice
+        f["terminated"][:] = True
+    out = tmp_path / "out"
+    assert export.main([str(tmp_path / "rec"), "--d4rl", str(out / "x.hdf5"), "--minari", "a/b-v0",
+                        "--minari-root", str(out / "m")]) == 2  # fmt: skip
+    assert "has a damaged end" in capsys.readouterr().err
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []  # neither output, nor a temporary
 
 
 def test_a_recording_of_another_env_is_refused(tmp_path, capsys):
