@@ -77,7 +77,7 @@ def _write_cost(env_id: str, options: list[str], steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         col = Collector(cfg, info, rank=0)
         os.makedirs(os.path.join(tmp, "chunks"))
-        col.start_recording(tmp, 0, limit_bytes=4 << 20)
+        col.start_recording(tmp, 0, limit_bytes=4 << 20)  # chunks of 4 MiB: several flushes timed
         t0 = time.perf_counter()
         for i in range(steps):
             col.step(lambda o: np.zeros(len(o), np.int64), 1.0, i + 1)  # random play (epsilon 1)

@@ -183,16 +183,19 @@ class Collector:
             )
         self.obs, self.keys, self.fresh = next_obs, next_keys, False
 
-    def start_recording(self, directory: str, global_step: int, limit_bytes: int = recorder.LIMIT_BYTES) -> None:
+    def start_recording(
+        self, directory: str, global_step: int, continuing: bool = True, limit_bytes: int = recorder.LIMIT_BYTES
+    ) -> None:
         """Record this rank's episodes into ``directory`` from now on (after any restore, at
         ``global_step``; ``limit_bytes``: rows held before they are written). The envs' current
-        episodes are recorded when they began here (a fresh reset) or their checkpoint carried
-        the recorder's state; otherwise from each env's next reset."""
+        episodes are recorded when they began here (a fresh reset), or when their checkpoint
+        carried the recorder's state and the directory holds their beginnings (``continuing``);
+        otherwise from each env's next reset."""
         E, info = self.cfg.num_envs_per_rank, self.info
         attrs = {"env_id": self.cfg.env_id, "obs_dtype": info.obs_dtype.name, "segment": global_step}
         rec = recorder.Recorder(directory, self.rank, E, info.obs_shape, info.obs_dtype, info.frame_stack, attrs,
                                 limit_bytes)  # fmt: skip
-        if self._saved_record is not None:
+        if self._saved_record is not None and continuing:
             rec.set_state(self._saved_record)
         elif self.fresh:
             rec.begin(self.obs, self.env_seeds, self.seed_step)

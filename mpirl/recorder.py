@@ -269,9 +269,10 @@ def manifest(cfg: Config, info: envs.EnvInfo, versions: dict[str, str]) -> dict[
 
 
 def prepare(cfg: Config, info: envs.EnvInfo, world_size: int, start_step: int, collector: Any,
-            versions: dict[str, str]) -> str:  # fmt: skip
+            versions: dict[str, str]) -> tuple[str, bool]:  # fmt: skip
     """Rank 0: ready --record-episodes' directory for a run at (resumed) ``start_step`` whose
-    ``collector`` is set up (its env seeds go into the manifest's segment); a note for the log."""
+    ``collector`` is set up (its env seeds go into the manifest's segment): ``recording.prepare``'s
+    note for the log and whether the recording continues there."""
     seeds = seeds_note(cfg, collector.fresh, collector.seed_step)
     segment = recording.new_segment(start_step, world_size, cfg.to_dict(), seeds)
     segment["env_backend"] = versions.pop("env_backend", "")

@@ -154,9 +154,13 @@ def check(directory: str, identity: dict[str, Any], resumed: bool, overwrite: bo
     return True
 
 
-def prepare(directory: str, manifest: dict[str, Any], segment: dict[str, Any], resumed: bool, overwrite: bool) -> str:
+def prepare(
+    directory: str, manifest: dict[str, Any], segment: dict[str, Any], resumed: bool, overwrite: bool
+) -> tuple[str, bool]:
     """Rank 0, before any rank records: make ``directory`` ready for a run starting (or resuming)
-    at global step ``segment['start_step']`` (``check`` first); returns a note for the log.
+    at global step ``segment['start_step']`` (``check`` first); returns a note for the log and
+    whether chunks before the start were kept (then episodes in flight at a resume continue in
+    this directory; otherwise their beginnings are elsewhere, and each env starts at its next reset).
     Chunks later than the start step, and those of runs that started at it or later, are deleted
     (this run redoes their steps; a fresh run, step 0, discards them all), temporaries of an
     interrupted write too; the manifest keeps the segments before the start and adds this one."""
@@ -182,7 +186,8 @@ def prepare(directory: str, manifest: dict[str, Any], segment: dict[str, Any], r
     kept = len(list_chunks(directory))
     verb = "continues" if existing else "starts"
     dropped_note = f", {dropped} chunk(s) after step {start:,} discarded" if dropped else ""
-    return f"mpirl: recording episodes to {directory} ({verb} at step {start:,}: {kept} chunk(s) kept{dropped_note})"
+    note = f"mpirl: recording episodes to {directory} ({verb} at step {start:,}: {kept} chunk(s) kept{dropped_note})"
+    return note, kept > 0
 
 
 def new_segment(start_step: int, world_size: int, config: dict[str, Any], seeds: str) -> dict[str, Any]:

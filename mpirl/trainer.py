@@ -160,8 +160,9 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
     if cfg.record_episodes:  # HVD: rank 0 readies the recording (drops chunks after this step) before any rank writes
         prepare = functools.partial(recorder.prepare, cfg, info, ctx.size, counters.global_env_steps, collector,
                                     {**_versions(), "env_backend": env_backend})  # fmt: skip
-        run.log(dist.rank0_decides(prepare, name="mpirl.record", errors=ConfigError))
-        collector.start_recording(cfg.record_episodes, counters.global_env_steps)
+        note, continuing = dist.rank0_decides(prepare, name="mpirl.record", errors=ConfigError)
+        run.log(note)
+        collector.start_recording(cfg.record_episodes, counters.global_env_steps, continuing)
 
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
     resumed_at = None if stored is None else counters.global_env_steps

@@ -34,8 +34,8 @@ def start(directory, cfg: Config, at: int = 0, resumed: bool = False, col: Colle
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     col = col or Collector(cfg, info, rank=0, env_backend=backend)
     seg = recording.new_segment(at, 1, cfg.to_dict(), recorder.seeds_note(cfg, col.fresh, col.seed_step))
-    recording.prepare(str(directory), recorder.manifest(cfg, info, {"mpirl": "test"}), seg, resumed, False)
-    col.start_recording(str(directory), at, limit)
+    _, continuing = recording.prepare(str(directory), recorder.manifest(cfg, info, {"mpirl": "t"}), seg, resumed, False)
+    col.start_recording(str(directory), at, continuing, limit)
     return col
 
 
@@ -168,6 +168,21 @@ def test_recording_from_a_resume_without_recorder_state_starts_at_each_reset(tmp
     assert {(ep.env_seed, ep.seed_step) for ep, _ in got} == {(-1, 7 * E)}
     assert min(ep.end_step for ep, _ in got if ep.env == 0) == 14 * E
     assert log <= {(ep.end_step, ep.env, float(r["rewards"][1:].sum()), len(r["obs"]) - 1) for ep, r in got}
+
+
+def test_a_resume_recording_into_a_new_directory_starts_each_env_at_its_next_reset(tmp_path):
+    cfg = make_cfg()
+    a = start(tmp_path / "first", cfg)
+    steps(a, 23)
+    state = a.state()  # carries the recorder's in-flight episodes, whose beginnings are in "first"
+    b = Collector(cfg, envs.inspect_env(cfg.env_id), rank=0)
+    restore(b, state, state.env_state, global_steps=23 * E)
+    start(tmp_path / "second", cfg, at=23 * E, resumed=True, col=b)
+    steps(b, 20, first=23)
+    b.close()
+    got = episodes(tmp_path / "second")  # joins: no episode starts mid-way
+    assert got and min(ep.end_step for ep, _ in got) > 23 * E + E
+    assert all(len(r["obs"]) - 1 == (4 if ep.env == 0 else 5) for ep, r in got)
 
 
 @pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
