@@ -75,6 +75,7 @@ def _minari(root, dataset_id) -> list[tuple[int, int, int, float, int]]:
         mp = m["mpirl"]
         out.append((int(mp["end_global_step"]), int(mp["rank"]), int(mp["env"]), float(ep.rewards.sum()), len(ep)))
     assert data.total_episodes == len(out) and data.total_steps == sum(x[4] for x in out)
+    assert data.recover_environment().spec.id == "CartPole-v1"  # the env spec travels (no preprocessing)
     return out
 
 

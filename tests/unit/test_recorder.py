@@ -214,6 +214,14 @@ def test_pong_frames_come_back_as_the_stacks_the_agent_saw(tmp_path, backend):
     (_, single), *_ = episodes(tmp_path / "rec")
     assert single["obs"].shape == (n, 84, 84)
     assert float(r["rewards"][1:].sum()) == col.stats.take_finished()[0][2]  # game score, unclipped
+    minari = pytest.importorskip("minari", reason="the minari extra is not installed")
+    for stack, shape in ((False, (84, 84)), (True, (4, 84, 84))):  # single frames, or the stacks the agent saw
+        args = ["--minari", f"pong/s{int(stack)}-v0", "--minari-root", str(tmp_path / "m"), "--compression", "lzf"]
+        assert export.main([str(tmp_path / "rec"), *args, *(["--stack-frames"] if stack else [])]) == 0
+        data = minari.MinariDataset(str(tmp_path / "m" / f"pong/s{int(stack)}-v0" / "data"))
+        assert data.observation_space.shape == shape and data.observation_space.dtype == np.uint8
+        first = next(data.iterate_episodes())
+        np.testing.assert_array_equal(first.observations, r["obs"] if stack else single["obs"])  # lossless
 
 
 def test_minari_and_d4rl_exports_hold_every_episode(tmp_path):
