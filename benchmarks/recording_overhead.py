@@ -97,11 +97,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="off/on pairs per variant (CartPole; Pong: 2 at most)")
     ap.add_argument("--np", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: short budgets, 1 repeat")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which to run")
+    ap.add_argument("--no-write-cost", action="store_true", help="skip the one-rank write-cost measurement")
     ap.add_argument("--json", default=os.path.join(RESULTS, "recording_overhead.json"))
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     results: dict[str, dict] = {}
-    for name in VARIANTS:
+    for name in args.variants:
         runs: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(repeats if name.startswith("cartpole") else min(repeats, 2)):
             order = ("off", "on") if r % 2 == 0 else ("on", "off")  # alternate who goes first
@@ -115,8 +117,14 @@ def main() -> None:
                          "bytes_per_step": statistics.median(x["bytes_per_step"] for x in runs["on"])}  # fmt: skip
         print(f"{name}: {on:,.1f} vs {off:,.1f} env steps/s ({results[name]['overhead_pct']:+.1f} % overhead), "
               f"{results[name]['bytes_per_step']:,.1f} B/step", flush=True)  # fmt: skip
-    writes = [_write_cost("CartPole-v1", [], 300 if args.quick else 3000),
-              _write_cost("ALE/Pong-v5", ["--config", PRESET], 100 if args.quick else 1000)]  # fmt: skip
+    writes = (
+        []
+        if args.no_write_cost
+        else [
+            _write_cost("CartPole-v1", [], 300 if args.quick else 3000),
+            _write_cost("ALE/Pong-v5", ["--config", PRESET], 100 if args.quick else 1000),
+        ]
+    )
     for w in writes:
         print(f"write cost {w['env']}: {w['write_us_per_env_step']:.1f} us per env step (collecting "
               f"{w['collect_us_per_env_step']:.1f} us), {w['bytes_per_env_step']:,.1f} B/step", flush=True)  # fmt: skip
