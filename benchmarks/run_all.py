@@ -16,11 +16,12 @@ ratio against a baseline of the same run, but other work on the cores widens the
 
 Full-mode settings (measured on this 2-core AMD EPYC machine, quiet; ``--list`` prints the
 estimates): solve_cartpole with 5 seeds (~15 min: each seed runs SB3, mpirl at 1 and at 2 ranks
-to a solve, ~3 min together, SB3's ~110 s the most; ``--solve-seeds 1 2 3`` saves ~6 min), the learning-curve plot right after it, throughput with 3 repeats, allreduce
-(3 blocks) at both Horovod cycles, checkpoint_io at 1 GiB x 3, checkpoint_share over
-150,000 env steps (not 300,000; 3 checkpoints), memory, sync_strategies with 1 seed (not 3) and
-Atari throughput with 1 repeat (not 2). Quick mode passes each script's ``--quick``, except
-sync_strategies: 1 seed of 10,000 env steps.
+to a solve, ~3 min together, SB3's ~110 s the most; ``--solve-seeds 1 2 3`` saves ~6 min), the
+learning-curve plot right after it, throughput with 3 repeats, allreduce (3 blocks) at both Horovod
+cycles, checkpoint_io at 1 GiB x 3, checkpoint_share over 150,000 env steps (not 300,000; 3
+checkpoints), memory, sync_strategies with 1 seed (not 3), Atari throughput with 1 repeat (not 2)
+and the recording overhead with 1 off/on pair (not 3; adds ~4 min). Quick mode passes each
+script's ``--quick``, except sync_strategies: 1 seed of 10,000 env steps.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def plan(quick: bool, out: str, solve_seeds: Sequence[int] = FULL_SOLVE_SEEDS) -
         ),  # fmt: skip
         # 1 repeat (not 2) x 4 runs (acting and training, 1 and 2 ranks) of 2,000 env steps per rank.
         step("atari_throughput", script("atari_throughput.py"), q, ["--repeats", "1"], (120, 420), (65, 180)),
+        # 1 off/on pair (not 3) per variant: CartPole training, Pong training and acting, at 2 ranks.
+        step("recording_overhead", script("recording_overhead.py"), q, ["--repeats", "1"], (150, 600), (60, 220)),
     ]
     return steps
 

@@ -14,12 +14,12 @@ the replay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mpirl import envs, envstate, frame_replay, replay, watchdog
+from mpirl import envs, envstate, frame_replay, recorder, replay, watchdog
 from mpirl.config import Config
 
 GreedyPolicy = Callable[[np.ndarray], np.ndarray]  # observations (E, *obs_shape) -> actions (E,)
@@ -35,12 +35,22 @@ class EpisodeStats:
     window_return_sum: float = 0.0  # game scores
     window_length_sum: float = 0.0  # env steps
     window_episodes: int = 0
+    # Each episode finished since the trainer last took them (``take_finished``), for the run's
+    # episode log: (global env steps at its end, env index, return, length). Never checkpointed:
+    # the trainer takes them at every progress line and before every checkpoint.
+    finished: list[tuple[int, int, float, int]] = field(default_factory=list, compare=False)
 
-    def add(self, returns: list[float], lengths: list[int]) -> None:
+    def add(self, returns: list[float], lengths: list[int], env_ids: Sequence[int] = (), global_step: int = 0) -> None:
         self.episodes += len(returns)
         self.window_return_sum += sum(returns)
         self.window_length_sum += sum(lengths)
         self.window_episodes += len(returns)
+        self.finished += [(global_step, int(e), float(r), int(n)) for e, r, n in zip(env_ids, returns, lengths)]
+
+    def take_finished(self) -> list[tuple[int, int, float, int]]:
+        """The episodes finished since the last call (which starts anew)."""
+        out, self.finished = self.finished, []
+        return out
 
     def take_window(self) -> tuple[float, float, float]:
         """(return sum, length sum, episodes) of the window, which starts anew."""
@@ -98,6 +108,10 @@ class Collector:
         self.replay: replay.Replay = inner if self.frames is None else self.frames
         self.clip_rewards = cfg.clip_rewards == "on" or (cfg.clip_rewards == "auto" and info.atari)
         self.life_loss = cfg.terminal_on_life_loss
+        self.info = info
+        self.recorder: Optional[recorder.Recorder] = None  # with --record-episodes (start_recording)
+        self._saved_record: Optional[Any] = None  # a checkpoint's recorder state, until recording starts
+        self.explored = np.zeros(E, dtype=bool)  # which of the last actions were random (epsilon)
         self._reset(envs.shard_seeds(cfg.seed, rank, E))
         self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
         self.tracker = envs.EpisodeTracker(E)
@@ -118,8 +132,9 @@ class Collector:
             total += (C + C // 8 + E * (cfg.n_step + 2 * K + 2)) * (row // K)
         return total
 
-    def _reset(self, seeds: list[int]) -> None:
+    def _reset(self, seeds: list[int], seed_step: int = 0) -> None:
         obs, infos = self.vec.reset(seed=seeds)  # one seed per env
+        self.env_seeds, self.seed_step, self.fresh = seeds, seed_step, True  # for the recorder
         self.obs = obs  # what the network sees: (E, *obs_shape)
         self.keys = self._encode(obs)  # what transitions store: obs, or frame references
         self.lives = np.asarray(infos.get("lives", np.zeros(len(obs))))
@@ -136,13 +151,16 @@ class Collector:
         """ε-greedy actions for the whole shard, the greedy ones in one batched forward pass."""
         n = len(self.obs)
         explore = self.rng.random(n) < epsilon
+        self.explored = explore
         random_actions = self.rng.integers(0, self.n_actions, size=n)
         if explore.all():  # skip the forward pass; same RNG draws either way
             return random_actions
         return np.where(explore, random_actions, greedy(self.obs))
 
-    def step(self, greedy: GreedyPolicy, epsilon: float) -> None:
-        """One vector step of this rank's shard; stores the n-step transitions it completes."""
+    def step(self, greedy: GreedyPolicy, epsilon: float, global_step: int = 0) -> None:
+        """One vector step of this rank's shard; stores the n-step transitions it completes.
+        ``global_step``: the global env steps the job has after this step (it stamps the
+        episode log and the recording; 0 where nobody reads them)."""
         watchdog.beat("env step")  # a heartbeat per vector step: an env that never returns is named
         actions = self.act(greedy, epsilon)
         next_obs, rewards, terminated, truncated, infos = self.vec.step(actions)
@@ -157,29 +175,61 @@ class Collector:
         ready = self.nstep.push(self.keys, actions, stored, next_keys, ends, truncated, valid)
         if ready is not None:
             self.replay.add(ready)
-        if fin_r:
-            self.stats.add(fin_r, fin_l)
-        self.obs, self.keys = next_obs, next_keys
+        if fin_r:  # the envs that finished, in the tracker's order (ascending env index)
+            self.stats.add(fin_r, fin_l, np.flatnonzero((terminated | truncated) & valid).tolist(), global_step)
+        if self.recorder is not None:  # the rewards as the env gave them (unclipped)
+            self.recorder.step(
+                actions, rewards, terminated, truncated, valid, next_obs, epsilon, self.explored, global_step
+            )
+        self.obs, self.keys, self.fresh = next_obs, next_keys, False
+
+    def start_recording(
+        self, directory: str, global_step: int, continuing: bool = True, limit_bytes: int = recorder.LIMIT_BYTES
+    ) -> None:
+        """Record this rank's episodes into ``directory`` from now on (after any restore, at
+        ``global_step``; ``limit_bytes``: rows held before they are written). The envs' current
+        episodes are recorded when they began here (a fresh reset), or when their checkpoint
+        carried the recorder's state and the directory holds their beginnings (``continuing``);
+        otherwise from each env's next reset."""
+        E, info = self.cfg.num_envs_per_rank, self.info
+        attrs = {"env_id": self.cfg.env_id, "obs_dtype": info.obs_dtype.name, "segment": global_step}
+        rec = recorder.Recorder(directory, self.rank, E, info.obs_shape, info.obs_dtype, info.frame_stack, attrs,
+                                limit_bytes)  # fmt: skip
+        if self._saved_record is not None and continuing:
+            rec.set_state(self._saved_record)
+        elif self.fresh:
+            rec.begin(self.obs, self.env_seeds, self.seed_step)
+        else:
+            rec.skip_current(global_step)
+        self.recorder, self._saved_record = rec, None
 
     def close(self) -> None:
+        """Close the envs; write the recorder's last rows (those after the last checkpoint)."""
+        if self.recorder is not None:
+            self.recorder.flush()
         self.vec.close()
 
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> CollectorState:
-        """This collector's part of a checkpoint (the replay arrays only with checkpoint_replay)."""
+        """This collector's part of a checkpoint (the replay arrays only with checkpoint_replay).
+        A recording writes its rows first, so the checkpoint's step divides its chunks, and its
+        in-flight episodes go with the env state that continues them."""
+        if self.recorder is not None:
+            self.recorder.flush()
         vec_state = envs.vector_state(self.vec)
         env_blob = b""
         if vec_state is not None:  # data only (mpirl.envstate): loading it runs no code from the file
-            env_blob = envstate.pack(
-                {
-                    "vec": vec_state,
-                    "obs": self.obs,
-                    "keys": self.keys,
-                    "lives": self.lives,
-                    "tracker": self.tracker.state(),
-                    "nstep": self.nstep.state(),
-                }
-            )
+            tree = {
+                "vec": vec_state,
+                "obs": self.obs,
+                "keys": self.keys,
+                "lives": self.lives,
+                "tracker": self.tracker.state(),
+                "nstep": self.nstep.state(),
+            }
+            if self.recorder is not None:
+                tree["record"] = self.recorder.state()
+            env_blob = envstate.pack(tree)
         arrays = self.replay.export_arrays() if self.cfg.checkpoint_replay else {}
         return CollectorState(self.replay.state(), self.rng.bit_generator.state, self.stats, arrays, env_blob)
 
@@ -228,14 +278,15 @@ class Collector:
             self.stats = EpisodeStats(episodes=sum(int(m["episodes"]) for m in metas if m.get("first_piece", True)))
         cfg, E = self.cfg, self.cfg.num_envs_per_rank
         self.rng = np.random.default_rng([cfg.seed, self.rank, global_steps])
-        self._reset(envs.shard_seeds(cfg.seed + global_steps, self.rank, E))
+        self._reset(envs.shard_seeds(cfg.seed + global_steps, self.rank, E), seed_step=global_steps)
         self.tracker = envs.EpisodeTracker(E)
         self.nstep = replay.NStepAccumulator(E, cfg.n_step, cfg.gamma)
         return note, meta
 
     def _restore_envs(self, state: Any) -> None:
         """Put an unpacked env state (data from a file, checked here) into this collector."""
-        if type(state) is not dict or set(state) != {"vec", "obs", "keys", "lives", "tracker", "nstep"}:
+        keys = {"vec", "obs", "keys", "lives", "tracker", "nstep"}
+        if type(state) is not dict or not keys <= set(state) or not set(state) <= keys | {"record"}:
             raise envstate.EnvStateError("env state: not a collector's env state")
         for name in ("obs", "keys", "lives"):
             mine, got = getattr(self, name), state[name]
@@ -251,11 +302,14 @@ class Collector:
                 or not all(_nstep_entry(x, self.keys[0]) for x in queue)
             ):
                 raise envstate.EnvStateError("env state: an n-step queue is not a list of (obs, action, reward)")
+        saved = state.get("record")  # the recorder's episodes (a recorded run's checkpoint)
+        saved = None if saved is None else recorder.Recorder.check_state(saved, self.nstep.num_envs)
         tracker = envs.EpisodeTracker(self.nstep.num_envs)
         tracker.set_state(state["tracker"])
         envs.restore_vector_state(self.vec, state["vec"])  # checks all, then changes the envs
         self.obs, self.keys, self.lives, self.tracker = state["obs"], state["keys"], state["lives"], tracker
         self.nstep.set_state(pending)
+        self.fresh, self._saved_record = False, saved
 
 
 def _nstep_entry(x: Any, like: np.ndarray) -> bool:

@@ -160,6 +160,10 @@ class Config:
     # --- output ----------------------------------------------------------------------
     run_dir: str = _opt("", "run directory; default runs/<env>-s<seed>-<timestamp>")
     log_interval: int = _opt(10_000, "global env steps between progress lines")
+    record_episodes: str = _opt(
+        "", "record every rank's episodes step by step into this directory (python -m mpirl.export makes "
+        "Minari and D4RL datasets of it); '' records nothing"
+    )  # fmt: skip
     tensorboard: bool = _opt(True, "also write TensorBoard scalars when tensorboard is installed")
     overwrite: bool = _opt(False, "allow writing into a run directory that already holds a run")
     dry_run: bool = _opt(

@@ -177,6 +177,15 @@ def inspect_env(env_id: str, atari: AtariOptions = AtariOptions()) -> EnvInfo:
         env.close()
 
 
+def spec_json(env_id: str) -> Optional[str]:
+    """The registered env's gymnasium EnvSpec as JSON (datasets' metadata: id, version, kwargs,
+    time limit); None when it is not registered here or not serialisable."""
+    try:
+        return gym.spec(env_id).to_json()
+    except (gym.error.Error, TypeError, ValueError):
+        return None
+
+
 def shard_seeds(seed: int, rank: int, num_envs: int) -> list[int]:
     """Env ``i`` of rank ``r`` gets ``seed + r * num_envs + i``: distinct over ranks and envs."""
     return [seed + rank * num_envs + i for i in range(num_envs)]

@@ -1,4 +1,5 @@
-"""Rank 0's run-directory writers: JSONL (every record), CSV (progress rows only), TensorBoard.
+"""Rank 0's run-directory writers: JSONL (every record), CSV (progress rows only), the episode
+log (``episodes.csv``: every episode of every rank), TensorBoard.
 
 Only rank 0 constructs a ``MetricsWriter``; other ranks never open files.
 """
@@ -12,6 +13,8 @@ import os
 import sys
 from typing import IO, Any, Optional
 
+from mpirl import fsutil
+
 
 class MetricsWriter:
     """Appends records to ``metrics.jsonl``, progress rows to ``progress.csv`` and, when
@@ -23,9 +26,20 @@ class MetricsWriter:
         "mean_return", "mean_length", "loss", "epsilon", "eval_mean_return",
     )  # fmt: skip
 
-    def __init__(self, run_dir: str, tensorboard: bool = True) -> None:
+    EPISODE_FIELDS = ("global_env_steps", "rank", "env", "return", "length")
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, resumed_at: Optional[int] = None) -> None:
+        """``resumed_at``: the global env steps of the checkpoint a run resumed from; episode log
+        rows after it (logged before a crash, redone now) are dropped, so each is there once."""
         self.run_dir = run_dir
         self._failed = False
+        episodes = os.path.join(run_dir, "episodes.csv")
+        if resumed_at is not None and os.path.exists(episodes):
+            _truncate_episode_log(episodes, resumed_at)
+        new_log = not os.path.exists(episodes) or os.path.getsize(episodes) == 0
+        self._episodes: IO[str] = open(episodes, "a", newline="", encoding="utf-8")
+        if new_log:
+            self._episodes.write(",".join(self.EPISODE_FIELDS) + "\n")
         self._jsonl: IO[str] = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
         csv_path = os.path.join(run_dir, "progress.csv")
         new_csv = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
@@ -66,13 +80,36 @@ class MetricsWriter:
                 if key != "global_env_steps" and isinstance(value, (int, float)) and value == value:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
+    def write_episodes(self, by_rank: list[list[tuple[int, int, float, int]]]) -> None:
+        """Append every rank's finished episodes ((global step, env, return, length) lists, in
+        rank order) to ``episodes.csv``, ordered by step, rank, env; returns at full precision."""
+        rows = sorted((step, rank, env, ret, n) for rank, eps in enumerate(by_rank) for step, env, ret, n in eps)
+        try:
+            self._episodes.write("".join(f"{s},{r},{e},{ret!r},{n}\n" for s, r, e, ret, n in rows))
+            self._episodes.flush()
+        except OSError as exc:
+            print(f"mpirl: warning: episode log not written to {self.run_dir}: {exc}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
-        for fh in (self._jsonl, self._csv_file, self._tb):
+        for fh in (self._jsonl, self._csv_file, self._episodes, self._tb):
             try:
                 if fh is not None:
                     fh.close()
             except OSError:
                 pass
+
+
+def _truncate_episode_log(path: str, last_step: int) -> None:
+    """Keep the header and the rows of episodes that ended at or before ``last_step``."""
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    head = [ln.split(",", 1)[0] for ln in lines]
+    # complete rows only (a kill during a write can leave half a line), of episodes up to the step
+    kept = lines[:1] + [
+        ln for ln, h in zip(lines[1:], head[1:]) if ln.endswith("\n") and h.isdigit() and int(h) <= last_step
+    ]
+    if len(kept) != len(lines):
+        fsutil.write_text_atomic(path, "".join(kept))
 
 
 def fmt_time(seconds: float) -> str:

@@ -115,7 +115,7 @@ def default_path(cfg: Config) -> str:
 
 
 # What a run writes into its directory (with --overwrite, an old run's are moved aside).
-RUN_FILES = ("config.json", "metrics.jsonl", "progress.csv", "summary.json", "tb", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "progress.csv", "episodes.csv", "summary.json", "tb", "checkpoints")
 
 
 def choose(cfg: Config) -> str:

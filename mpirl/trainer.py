@@ -38,6 +38,8 @@ from mpirl import (
     jobcheck,
     model,
     preemption,
+    recorder,
+    recording,
     resume,
     rundir,
     watchdog,
@@ -141,6 +143,10 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
     stored = dist.rank0_decides(  # HVD: before creating anything, so a bad file leaves no trace
         lambda: resume.find(cfg, run_dir, info, ctx.size), name="mpirl.resume", errors=checkpoint.CheckpointError
     )
+    if cfg.record_episodes:  # HVD: a recording this run cannot continue stops it before anything is created
+        check = functools.partial(recording.check, cfg.record_episodes, recorder.identity(cfg, info), bool(cfg.resume),
+                                  cfg.overwrite)  # fmt: skip
+        dist.rank0_decides(check, name="mpirl.record.check", errors=ConfigError)
     replay_bytes = collector.replay.nbytes * ctx.size if cfg.checkpoint_replay else 0
     need = checkpoint.bytes_needed(replay_bytes, checkpoint.module_bytes(learner.online))
     run.io_allowance_s = watchdog.io_seconds(need)  # the same on every rank
@@ -151,8 +157,16 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
             for line in resume.restore(stored, ctx, learner, collector, counters):  # HVD + MPI: weights, replay shards
                 run.log(line)
 
+    if cfg.record_episodes:  # HVD: rank 0 readies the recording (drops chunks after this step) before any rank writes
+        prepare = functools.partial(recorder.prepare, cfg, info, ctx.size, counters.global_env_steps, collector,
+                                    {**_versions(), "env_backend": env_backend})  # fmt: skip
+        note, continuing = dist.rank0_decides(prepare, name="mpirl.record", errors=ConfigError)
+        run.log(note)
+        collector.start_recording(cfg.record_episodes, counters.global_env_steps, continuing)
+
     # 3. Train: act and learn, with progress lines, evaluations, checkpoints and stop votes.
-    run.writer = MetricsWriter(run_dir, cfg.tensorboard) if ctx.rank == 0 else None
+    resumed_at = None if stored is None else counters.global_env_steps
+    run.writer = MetricsWriter(run_dir, cfg.tensorboard, resumed_at) if ctx.rank == 0 else None
     if ctx.note:
         run.log(f"mpirl: {ctx.note}")
     run.log(
@@ -168,6 +182,7 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
     st, steps = run.state, run.state.counters.global_env_steps
     if st.last_ckpt_step != steps or stored is None or steps == 0:
         _save_checkpoint(run)  # HVD + MPI: the end of the run (or of this allocation) is always on disk
+    _flush_episode_log(run)  # MPI: episodes an early stop left unlogged
     if not st.preempted:
         stop.restore()
     wall = time.perf_counter() - st.t_start  # includes the final checkpoint
@@ -203,11 +218,11 @@ def _train_loop(run: Run, stop: preemption.StopFlag) -> None:
             for g in range(cfg.gradient_steps):
                 learner.start(collector.replay, collector.rng, beta)  # HVD (K = 1): the gradient allreduce starts
                 if g == cfg.gradient_steps - 1:
-                    collector.step(learner.greedy, epsilon)  # while the allreduce runs
+                    collector.step(learner.greedy, epsilon, c.global_env_steps + c.steps_per_iter)  # during allreduce
                 st.loss_sum += learner.finish()  # HVD (K = 1): wait for the averaged gradient; K > 1: averaging
                 st.loss_n += 1
         else:
-            collector.step(learner.greedy, epsilon)
+            collector.step(learner.greedy, epsilon, c.global_env_steps + c.steps_per_iter)
         c.iteration += 1
         c.global_env_steps += c.steps_per_iter
         last = c.global_env_steps >= cfg.total_env_steps
@@ -247,6 +262,7 @@ def _save_checkpoint(run: Run) -> None:
     """Collective: rank 0 writes the job's state; a failure keeps the previous file and is
     remembered (identical on every rank) for the end of the run."""
     cfg, learner, st = run.cfg, run.learner, run.state
+    _flush_episode_log(run)  # MPI: the episode log holds every episode up to the checkpoint's step
     learner.sync_replicas()  # HVD (local SGD): save averaged weights (and counters), identical on all ranks
     if not learner.weights_finite():  # identical weights on every rank -> every rank returns here
         run.log("mpirl: warning: weights are not finite; checkpoint not written, the previous one is kept")
@@ -281,6 +297,13 @@ def _save_checkpoint(run: Run) -> None:
         run.log(f"ckpt  {c.global_env_steps:>9,} | {path} ({time.perf_counter() - t0:.2f} s)")
 
 
+def _flush_episode_log(run: Run) -> None:
+    """Collective: every rank's episodes finished since the last call -> rank 0's episodes.csv."""
+    by_rank = dist.gather_to_root(run.collector.stats.take_finished())  # MPI: gather (small)
+    if run.writer is not None:
+        run.writer.write_episodes(by_rank)
+
+
 def _versions() -> dict[str, str]:
     """The writer's library versions, for a checkpoint's provenance (schema 1's key order)."""
     return {"mpirl": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -289,6 +312,7 @@ def _versions() -> dict[str, str]:
 
 def _log_progress(run: Run, epsilon: float) -> None:
     """Collective: the window's episode and loss sums over all ranks -> one progress record."""
+    _flush_episode_log(run)  # MPI: gather
     st, c, updates = run.state, run.state.counters, run.learner.updates
     ret_sum, len_sum, n_ep = run.collector.stats.take_window()
     window = [ret_sum, len_sum, n_ep, float(st.loss_sum), float(st.loss_n), float(run.collector.stats.episodes)]

@@ -35,6 +35,9 @@ def test_mpirun_two_ranks_writes_run_dir(tmp_path):
     rows = (run_dir / "progress.csv").read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
     assert int(last[header.index("episodes")]) == summary["episodes"] > 0
+    episodes = (run_dir / "episodes.csv").read_text().splitlines()  # every episode, both ranks
+    assert episodes[0] == "global_env_steps,rank,env,return,length" and len(episodes) - 1 == summary["episodes"]
+    assert {line.split(",")[1] for line in episodes[1:]} == {"0", "1"}
     # A second run into the same directory is refused, on every rank.
     res = mpirun(["-m", "mpirl.train", *SHORT, "--run-dir", str(run_dir)], timeout=120)
     assert res.returncode == 2 and "already holds a run" in res.stderr
