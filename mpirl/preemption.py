@@ -19,6 +19,8 @@ import signal
 import threading
 from typing import Any
 
+from mpirl import watchdog
+
 CHECK_EVERY = 16  # iterations between votes: a vote is an allreduce, a stop can wait this long
 
 
@@ -39,6 +41,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.signum:
             raise KeyboardInterrupt  # the second Ctrl-C: stop waiting for the checkpoint
         self.signum = self.signum or signum  # a repeat changes nothing: the stop is under way
+        watchdog.stop_signalled()  # a loop collective that now waits long has lost a peer
 
     @property
     def name(self) -> str:
