@@ -51,7 +51,7 @@ EXIT_STALL = 5  # the job's exit code when a rank stalled (mpirun returns MPI_Ab
 IO_BYTES_PER_S = 20e6  # slowest disk or network file system a checkpoint is allowed, bytes/s
 ABORT_GRACE_S = 10.0  # after the message: the backstop ends a rank whose abort itself hangs
 START_UP_S = 120.0  # extra seconds for the start-up stage (lazy imports: torch._dynamo took 5 s)
-STOP_GRACE_S = 10.0  # after a stop signal, the longest wait in a loop collective before a peer counts as gone
+STOP_GRACE_S = 5.0  # after a stop signal, the longest wait in a loop collective before a peer counts as gone
 LOOP_COLLECTIVES = ("gradient allreduce", "mpirl.preempt", "mpirl.metrics")
 
 R = TypeVar("R")
