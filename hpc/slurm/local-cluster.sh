@@ -76,12 +76,13 @@ SlurmdLogFile=$state/slurmd.log"
         # Per-node paths (%n: the node's name); TmpFS too, because /tmp is shared here and the
         # PMIx plugin of every node's slurmstepd makes the same spmix_appdir_<job> folder in it.
         # A node that stops answering is down after SlurmdTimeout (SLURM's default 300 s; sites
-        # use 60-300): 10 s here, so that a lost node ends (and requeues) its job within 30 s.
+        # use 60-300): 5 s here (detected 10-15 s after the loss), so that a lost node ends (and
+        # requeues) its job within 30 s.
         slurmd_files="SlurmdSpoolDir=$state/d-%n
 SlurmdPidFile=$state/slurmd-%n.pid
 SlurmdLogFile=$state/slurmd-%n.log
 TmpFS=$state/tmp-%n
-SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-10}"
+SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-5}"
     fi
     cat >"$conf.tmp" <<CONF
 $marker
@@ -181,7 +182,12 @@ start() {  # start N RATE
     fi
     configure "$n"
     start_munge
-    running slurmctld || { say "starting slurmctld"; slurmctld -f "$conf"; }
+    if running slurmctld; then
+        scontrol reconfigure >/dev/null  # a running cluster reads the configuration just written
+    else
+        say "starting slurmctld"
+        slurmctld -f "$conf"
+    fi
     start_slurmds "$n"
     [ -z "$rate" ] || link_rate "$rate"
     wait_idle "$n"

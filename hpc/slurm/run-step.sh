@@ -79,8 +79,11 @@ if [ "$stop_requested" = 1 ] && [ "$rc" = 0 ]; then
 fi
 echo "[mpirl] training step ended with exit code $rc"
 reached=$(latest)
-if [ "$rc" != 0 ] && [ "$stop_requested" = 0 ] && [ "${MPIRL_REQUEUE_ON_FAILURE:-1}" = 1 ] && [ -n "$reached" ] && [ "$reached" != "$resumed_from" ]; then
-    echo "[mpirl] the step failed after checkpointing ($reached, resumed from ${resumed_from:-nothing}); requeueing job ${SLURM_JOB_ID} to resume from it"
+# Failed (not stopped by a signal, which a cancel also sends) after writing a newer checkpoint.
+if [ "$rc" != 0 ] && [ "$stop_requested" = 0 ] && [ "${MPIRL_REQUEUE_ON_FAILURE:-1}" = 1 ] &&
+    [ -n "$reached" ] && [ "$reached" != "$resumed_from" ]; then
+    echo "[mpirl] the step failed after checkpointing ($reached, resumed from ${resumed_from:-nothing});" \
+        "requeueing job ${SLURM_JOB_ID} to resume from it"
     scontrol requeue "${SLURM_JOB_ID}" || { echo "[mpirl] error: scontrol requeue failed" >&2; exit "$rc"; }
     exit 0
 fi
