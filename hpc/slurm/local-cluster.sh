@@ -76,13 +76,14 @@ SlurmdLogFile=$state/slurmd.log"
         # Per-node paths (%n: the node's name); TmpFS too, because /tmp is shared here and the
         # PMIx plugin of every node's slurmstepd makes the same spmix_appdir_<job> folder in it.
         # A node that stops answering is down after SlurmdTimeout (SLURM's default 300 s; sites
-        # use 60-300): 5 s here (detected 10-15 s after the loss), so that a lost node ends (and
-        # requeues) its job within 30 s.
+        # use 60-300): 10 s here. Detection took 25-27 s with 10 s and with 5 s alike (each ping
+        # round to a dead slurmd lasts up to MessageTimeout, 10 s), and 5 s let a node that was slow
+        # to answer under load (load average 11) be counted as not responding.
         slurmd_files="SlurmdSpoolDir=$state/d-%n
 SlurmdPidFile=$state/slurmd-%n.pid
 SlurmdLogFile=$state/slurmd-%n.log
 TmpFS=$state/tmp-%n
-SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-5}"
+SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-10}"
     fi
     cat >"$conf.tmp" <<CONF
 $marker
@@ -139,6 +140,13 @@ start_slurmds() {
     fi
     for name in $(cluster_nodes); do
         pid_alive "$state/slurmd-$name.pid" && continue
+        # A node with no process left (after kill-node) boots: an empty /tmp, and no step sockets
+        # or PMIx folders of the steps that died with it (stepd.slurm.pmix.<job>.<step>, pmix.*,
+        # spmix_appdir_*): the requeued job, same id and step, would fail to bind them there.
+        if [ -z "$(ip netns pids "$name" 2>/dev/null)" ]; then
+            find "$state/tmp-$name" -mindepth 1 -delete 2>/dev/null || true
+            rm -rf "$state/d-$name"/stepd.slurm.pmix.* "$state/d-$name"/pmix.*
+        fi
         say "starting slurmd on $name ($(node_addr "${name#mpirl-n}"))"
         "$here/on-node.sh" "$name" "slurmd -f $conf"
     done

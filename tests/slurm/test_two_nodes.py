@@ -197,7 +197,7 @@ def test_ranks_killed_on_one_node_end_the_job_then_it_resumes(submit, tmp_path):
 def test_node_lost_ends_the_job_then_slurm_requeues_it(submit, tmp_path):
     """local-cluster.sh kill-node: every process of the second node dies (slurmd, slurmstepd,
     rank), as in a crash. SLURM marks the node down (its pings to the dead slurmd: about 25 s here
-    with SlurmdTimeout 5 s, the agent's MessageTimeout of 10 s bounding each ping round), ends the
+    with SlurmdTimeout 10 s, the agent's MessageTimeout of 10 s bounding each ping round), ends the
     job and requeues it; the surviving rank, told to stop, ends STOP_GRACE_S later. So the job ends
     within 45 s with nothing left on either node, and resumes once the node is back."""
     total = 12_000
