@@ -19,6 +19,8 @@ import signal
 import threading
 from typing import Any
 
+from mpirl import watchdog
+
 CHECK_EVERY = 16  # iterations between votes: a vote is an allreduce, a stop can wait this long
 
 
@@ -31,14 +33,43 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum = 0  # the first stop signal received on this rank, 0 if none
         self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int] = (-1, -1)  # (read end, the wakeup fd it replaced)
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._watch_wakeup()
+
+    def _watch_wakeup(self) -> None:
+        """Tell the watchdog of a stop signal at once, from a thread. Python runs ``_handle`` in
+        the main thread only when it next executes bytecode, never while that thread is blocked
+        in a collective whose peer is dead; the C-level handler still writes the signal's number
+        to the wakeup fd, which this thread reads."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            replaced = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread after all
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, replaced)
+        stops = {int(s) for s in self.SIGNALS}
+
+        def read() -> None:
+            try:
+                while data := os.read(r, 64):  # empty: restore() closed the write end
+                    if stops.intersection(data):
+                        watchdog.stop_signalled()
+            finally:
+                os.close(r)
+
+        threading.Thread(target=read, name="mpirl-stop-signals", daemon=True).start()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum:
             raise KeyboardInterrupt  # the second Ctrl-C: stop waiting for the checkpoint
         self.signum = self.signum or signum  # a repeat changes nothing: the stop is under way
+        watchdog.stop_signalled()  # a loop collective that now waits long has lost a peer
 
     @property
     def name(self) -> str:
@@ -53,6 +84,10 @@ class StopFlag:
         """Put the previous handlers back (the run ended without a stop)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        r, replaced = self._wakeup
+        if r >= 0:
+            os.close(signal.set_wakeup_fd(replaced))  # the reader sees the pipe end, closes r, returns
+            self._wakeup = (-1, -1)
 
     def ignore_further(self) -> None:
         """Once a stop is agreed, ignore repeated SIGTERM/SIGUSR1 at the OS level: Python resets

@@ -18,6 +18,13 @@ thread's stack, and ends the job through ``end`` (``dist.abort``: MPI_Abort) wit
 ``EXIT_STALL``. A rank waiting in a collective gives the stalled peer a grace
 (``grace_seconds``) to name itself first, then ends the job saying where it waited.
 
+A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that then waits in one of the
+training loop's collectives (``LOOP_COLLECTIVES``: every rank reaches them within an iteration) for
+more than ``STOP_GRACE_S`` has lost a peer: a rank killed, or its node gone. Open MPI only warns
+that the peer disconnected and the collective never returns, and SLURM's step teardown sends
+SIGTERM, which asks for a checkpoint that cannot happen; without this the rank waited for the
+SIGKILL ``KillWait`` later (30 s) or for the stall timeout. It ends the job at once instead.
+
 A call that never returns and holds the GIL (a C extension) stops the checking thread too. So
 each check also re-arms a kernel timer (SIGALRM) past the local limit: if the thread cannot run
 for that long, faulthandler prints every thread's stack (no GIL needed) and the signal ends the
@@ -44,6 +51,8 @@ EXIT_STALL = 5  # the job's exit code when a rank stalled (mpirun returns MPI_Ab
 IO_BYTES_PER_S = 20e6  # slowest disk or network file system a checkpoint is allowed, bytes/s
 ABORT_GRACE_S = 10.0  # after the message: the backstop ends a rank whose abort itself hangs
 START_UP_S = 120.0  # extra seconds for the start-up stage (lazy imports: torch._dynamo took 5 s)
+STOP_GRACE_S = 5.0  # after a stop signal, the longest wait in a loop collective before a peer counts as gone
+LOOP_COLLECTIVES = ("gradient allreduce", "mpirl.preempt", "mpirl.metrics")
 
 R = TypeVar("R")
 _now = time.monotonic
@@ -53,13 +62,21 @@ class Heart:
     """One rank's heartbeat: what it does and since when (monotonic seconds). Written by the
     rank's main thread only, read by its watchdog."""
 
-    __slots__ = ("phase", "since", "collective", "extra")
+    __slots__ = ("phase", "since", "collective", "extra", "stop_at")
 
     def __init__(self) -> None:
         self.phase = "start-up"
         self.since = _now()
         self.collective = False  # waiting for peers in a collective (gets the grace)
         self.extra = 0.0  # seconds added to the limit by the current allowance()
+        self.stop_at: Optional[float] = None  # when the first stop signal arrived
+
+
+def stop_signalled() -> None:
+    """A stop signal arrived (called from the signal handler): from now on a loop collective
+    that waits past ``STOP_GRACE_S`` ends the job."""
+    if HEART.stop_at is None:
+        HEART.stop_at = _now()
 
 
 HEART = Heart()  # this process's heartbeat
@@ -196,6 +213,15 @@ class Watchdog:
         if self.backstop is not None:
             self.backstop.arm(self.timeout_s + extra + self.margin_s)
         idle = self.clock() - since
+        stop_at = h.stop_at
+        if collective and stop_at is not None and phase in LOOP_COLLECTIVES:
+            waited = self.clock() - max(since, stop_at)
+            if waited > STOP_GRACE_S:
+                return (
+                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s since in "
+                    f"collective '{phase}' for a rank that did not arrive: a peer is gone (killed, or its node "
+                    "lost); ending the job"
+                )
         if idle <= self.timeout_s + extra + (self.grace_s if collective else 0.0):
             self._suspect = None
             return None
@@ -216,7 +242,8 @@ class Watchdog:
         )
 
     def _loop(self) -> None:
-        while not self._stopped.wait(self.poll_s):
+        # Once a stop was signalled, check every second: the launcher's SIGKILL may follow.
+        while not self._stopped.wait(self.poll_s if self.heart.stop_at is None else min(self.poll_s, 1.0)):
             message = self.check()
             if message is not None:
                 self._fire(message)

@@ -1,45 +1,94 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on this machine, from Debian's slurm-wlm and munge, to try
-# mpirl's batch scripts and to run the SLURM tests. Needs root.
+# A SLURM cluster on this machine, from Debian's slurm-wlm and munge, to try mpirl's batch
+# scripts and to run the SLURM tests. Needs root.
 #
-#   hpc/slurm/local-cluster.sh start    # install if needed, configure, start munged/slurmctld/slurmd
+#   hpc/slurm/local-cluster.sh start                 # one node: this host (install if needed)
+#   hpc/slurm/local-cluster.sh start --nodes 2       # two nodes in namespaces, joined by a link
+#   hpc/slurm/local-cluster.sh start --nodes 2 --link-rate 1gbit
+#   hpc/slurm/local-cluster.sh link-rate 100mbit     # shape the nodes' links; "reset" unshapes
+#   hpc/slurm/local-cluster.sh kill-node mpirl-n2    # crash a node: kill every process on it
 #   hpc/slurm/local-cluster.sh status
-#   hpc/slurm/local-cluster.sh stop     # cancel jobs, stop the daemons it started, leave nothing running
+#   hpc/slurm/local-cluster.sh stop                  # cancel jobs, stop daemons, remove nodes
 #
-# Idempotent: start on a running cluster only checks it; stop on a stopped one does nothing.
-# It writes /etc/slurm/slurm.conf only if that file is absent or was written by this script.
+# With --nodes N >= 2 each node mpirl-n<i> is a network + UTS namespace with its own hostname,
+# address and slurmd; the host (the "login node") runs slurmctld and munged and is the switch
+# (see nodes.sh). on-node.sh runs a command on a node, as ssh would.
+# Idempotent: start on a running cluster checks it and restarts a node's missing slurmd (after
+# kill-node); stop on a stopped one does nothing. It writes /etc/slurm/slurm.conf only if that
+# file is absent or was written by this script.
 set -euo pipefail
 
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 state=${MPIRL_SLURM_STATE:-/var/lib/mpirl-slurm}
 conf=/etc/slurm/slurm.conf
 marker="# written by mpirl hpc/slurm/local-cluster.sh"
 say() { printf '[local-cluster] %s\n' "$*" >&2; }
 die() { printf '[local-cluster] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=nodes.sh
+. "$here/nodes.sh"
 
-running() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { pid_alive "$state/$1.pid"; }
+# The node names of the running multi-node cluster (empty for the one-node cluster).
+cluster_nodes() { [ -f "$state/nodes" ] && cat "$state/nodes" || true; }
 
 install() {
-    command -v slurmctld >/dev/null && command -v munged >/dev/null && return
-    [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed, and installing them needs root"
-    say "installing slurm-wlm and munge (Debian packages)"
+    local missing=()
+    command -v slurmctld >/dev/null && command -v munged >/dev/null || missing+=(slurm-wlm munge)
+    if [ "$1" -gt 1 ]; then
+        command -v ip >/dev/null || missing+=(iproute2)
+        command -v nsenter >/dev/null || missing+=(util-linux)
+    fi
+    [ ${#missing[@]} = 0 ] && return
+    [ "$(id -u)" = 0 ] || die "${missing[*]} not installed, and installing them needs root"
+    say "installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-configure() {
+configure() {  # configure N
     if [ -f "$conf" ] && ! grep -qF "$marker" "$conf"; then
         die "$conf exists and was not written by this script; not touching a real cluster's config"
     fi
-    local host cpus mem
+    local host cpus mem ctld nodes slurmd_files
     host=$(hostname -s)
     cpus=$(nproc)
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-    mkdir -p "$state/ctld" "$state/d" /etc/slurm
+    mkdir -p "$state/ctld" /etc/slurm
+    if [ "$1" = 1 ]; then
+        mkdir -p "$state/d"
+        ctld=$host
+        nodes="NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        slurmd_files="SlurmdSpoolDir=$state/d
+SlurmdPidFile=$state/slurmd.pid
+SlurmdLogFile=$state/slurmd.log"
+    else
+        # Every node declares this machine's cores and memory: the nodes share them, so N nodes
+        # full of ranks oversubscribe the cores N times (fine for testing, not for timing).
+        ctld="$host($net.1)"
+        nodes=""
+        local i
+        for i in $(seq "$1"); do
+            mkdir -p "$state/d-$(node_name "$i")" "$state/tmp-$(node_name "$i")"
+            nodes+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+        done
+        # Per-node paths (%n: the node's name); TmpFS too, because /tmp is shared here and the
+        # PMIx plugin of every node's slurmstepd makes the same spmix_appdir_<job> folder in it.
+        # A node that stops answering is down after SlurmdTimeout (SLURM's default 300 s; sites
+        # use 60-300): 10 s here. Detection took 25-27 s with 10 s and with 5 s alike (each ping
+        # round to a dead slurmd lasts up to MessageTimeout, 10 s), and 5 s let a node that was slow
+        # to answer under load (load average 11) be counted as not responding.
+        slurmd_files="SlurmdSpoolDir=$state/d-%n
+SlurmdPidFile=$state/slurmd-%n.pid
+SlurmdLogFile=$state/slurmd-%n.log
+TmpFS=$state/tmp-%n
+SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-10}"
+    fi
     cat >"$conf.tmp" <<CONF
 $marker
 ClusterName=mpirl-local
-SlurmctldHost=$host
+SlurmctldHost=$ctld
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -55,13 +104,11 @@ InactiveLimit=0
 KillWait=30
 MinJobAge=600
 StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/d
 SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd.pid
 SlurmctldLogFile=$state/slurmctld.log
-SlurmdLogFile=$state/slurmd.log
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$slurmd_files
+${nodes%$'\n'}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     mv "$conf.tmp" "$conf"
     # cgroup plugins are off (proctrack/linuxproc, task/none); an empty cgroup.conf keeps slurmd quiet.
@@ -84,52 +131,151 @@ start_munge() {
     die "munged did not come up"
 }
 
-start() {
-    [ "$(id -u)" = 0 ] || die "the local cluster runs its daemons as root; run this as root"
-    install
-    mkdir -p "$state"
-    configure
-    start_munge
-    running slurmctld || { say "starting slurmctld"; slurmctld -f "$conf"; }
-    running slurmd || { say "starting slurmd"; slurmd -f "$conf"; }
-    for _ in $(seq 100); do
-        st=$(sinfo -h -o %T 2>/dev/null | head -n1 || true)
-        case "$st" in idle|mixed|allocated) say "up: node $(hostname -s) $st ($(nproc) CPUs)"; return 0 ;; esac
-        # A node marked down by an earlier crash comes back here.
-        [ "${st%%\**}" = down ] && scontrol update NodeName="$(hostname -s)" State=RESUME >/dev/null 2>&1 || true
+# slurmd of each node, started inside the node (it finds its NodeName from the hostname).
+start_slurmds() {
+    local name
+    if [ "$1" = 1 ]; then
+        running slurmd || { say "starting slurmd"; slurmd -f "$conf"; }
+        return
+    fi
+    for name in $(cluster_nodes); do
+        pid_alive "$state/slurmd-$name.pid" && continue
+        # A node with no process left (after kill-node) boots: an empty /tmp, and no step sockets
+        # or PMIx folders of the steps that died with it (stepd.slurm.pmix.<job>.<step>, pmix.*,
+        # spmix_appdir_*): the requeued job, same id and step, would fail to bind them there.
+        if [ -z "$(ip netns pids "$name" 2>/dev/null)" ]; then
+            find "$state/tmp-$name" -mindepth 1 -delete 2>/dev/null || true
+            rm -rf "$state/d-$name"/stepd.slurm.pmix.* "$state/d-$name"/pmix.*
+        fi
+        say "starting slurmd on $name ($(node_addr "${name#mpirl-n}"))"
+        "$here/on-node.sh" "$name" "slurmd -f $conf"
+    done
+}
+
+wait_idle() {  # every node idle (or busy with jobs); nodes marked down by a crash come back
+    local want=$1 st ok down
+    for _ in $(seq 150); do
+        st=$(sinfo -h -N -o '%N %T' 2>/dev/null || true)
+        ok=$(awk '$2 ~ /^(idle|mixed|allocated|completing)$/' <<<"$st" | wc -l)
+        if [ "$ok" -ge "$want" ]; then
+            say "up: $(tr '\n' ' ' <<<"$st")($(nproc) CPUs per node)"
+            return 0
+        fi
+        down=$(awk '$2 ~ /^(down|drain|drained|draining)/ {print $1}' <<<"$st")
+        for n in $down; do scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true; done
         sleep 0.2
     done
-    die "the node did not become idle; see $state/slurmctld.log and $state/slurmd.log"
+    die "nodes did not become idle: $st; see $state/slurmctld.log and $state/slurmd*.log"
+}
+
+start() {  # start N RATE
+    local n=$1 rate=$2
+    [ "$(id -u)" = 0 ] || die "the local cluster runs its daemons as root; run this as root"
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || die "--nodes takes a positive number"
+    local have_nodes
+    have_nodes=$(cluster_nodes | wc -l)
+    if running slurmctld && [ "$have_nodes" != "$((n > 1 ? n : 0))" ]; then
+        die "a cluster of $((have_nodes > 0 ? have_nodes : 1)) node(s) is running; stop it first"
+    fi
+    install "$n"
+    mkdir -p "$state"
+    if [ "$n" = 1 ] && [ -n "$(existing_nodes)" ] && ! running slurmctld; then
+        network_down  # a multi-node cluster's leftovers (its daemons are gone)
+        rm -f "$state/nodes"
+    fi
+    if [ "$n" -gt 1 ]; then
+        netns_allowed || die "cannot create network namespaces here (ip netns add failed): --nodes $n needs them"
+        network_up "$n"
+        for i in $(seq "$n"); do node_name "$i"; done >"$state/nodes"
+    fi
+    configure "$n"
+    start_munge
+    if running slurmctld; then
+        scontrol reconfigure >/dev/null  # a running cluster reads the configuration just written
+    else
+        say "starting slurmctld"
+        slurmctld -f "$conf"
+    fi
+    start_slurmds "$n"
+    [ -z "$rate" ] || link_rate "$rate"
+    wait_idle "$n"
 }
 
 stop() {
     if running slurmctld; then
         scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
     fi
-    for d in slurmd slurmctld munged; do
-        if running "$d"; then
-            pid=$(cat "$state/$d.pid")
+    local d pid f
+    for f in "$state"/slurmd*.pid "$state/slurmctld.pid" "$state/munged.pid"; do
+        [ -f "$f" ] || continue
+        d=$(basename "$f" .pid)
+        if pid_alive "$f"; then
+            pid=$(cat "$f")
             kill "$pid" 2>/dev/null || true
             for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -9 "$pid" 2>/dev/null || true
             say "stopped $d"
         fi
-        rm -f "$state/$d.pid"
+        rm -f "$f"
     done
     # Job steps that outlived slurmd (slurmstepd) go too: nothing of ours stays behind.
     pkill -f slurmstepd 2>/dev/null || true
+    if [ -n "$(existing_nodes)" ]; then
+        network_down
+        say "removed the nodes' namespaces, links and /etc/hosts entries"
+    fi
+    rm -f "$state/nodes"
 }
 
 status() {
-    for d in munged slurmctld slurmd; do
+    local d f
+    for d in munged slurmctld; do
         if running "$d"; then echo "$d: running (pid $(cat "$state/$d.pid"))"; else echo "$d: stopped"; fi
     done
-    running slurmctld && sinfo || true
+    for f in "$state"/slurmd*.pid; do
+        [ -f "$f" ] || continue
+        d=$(basename "$f" .pid)
+        if pid_alive "$f"; then echo "$d: running (pid $(cat "$f"))"; else echo "$d: stopped"; fi
+    done
+    [ -z "$(existing_nodes)" ] || link_status
+    if running slurmctld; then sinfo -N; fi
 }
 
-case "${1:-}" in
-    start) start ;;
+kill_node() {
+    local name=${1:?usage: kill-node NODE}
+    grep -qxF "$name" <(cluster_nodes) || die "no node $name in this cluster ($(cluster_nodes | tr '\n' ' '))"
+    kill_node_procs "$name" || die "processes of $name survived kill -9"
+    rm -f "$state/slurmd-$name.pid"
+    say "killed every process on $name; 'start --nodes $(cluster_nodes | wc -l)' brings its slurmd back"
+}
+
+cmd=${1:-}
+[ $# = 0 ] || shift
+nodes=1
+rate=""
+case "$cmd" in
+    start)
+        while [ $# -gt 0 ]; do
+            case "$1" in
+                --nodes) nodes=${2:?--nodes N}; shift 2 ;;
+                --nodes=*) nodes=${1#*=}; shift ;;
+                --link-rate) rate=${2:?--link-rate RATE}; shift 2 ;;
+                --link-rate=*) rate=${1#*=}; shift ;;
+                *) die "start: unknown option $1" ;;
+            esac
+        done
+        [ -z "$rate" ] || [ "$nodes" -gt 1 ] || die "--link-rate needs --nodes 2 or more (one node has no link)"
+        [ -z "$rate" ] || [ "$rate" = reset ] || tc_rate_bits "$rate" >/dev/null
+        start "$nodes" "$rate" ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    link-rate)
+        [ -n "$(cluster_nodes)" ] || die "link-rate needs a cluster started with --nodes 2 or more"
+        rate=${1:?usage: link-rate RATE|reset}
+        [ "$rate" = reset ] || tc_rate_bits "$rate" >/dev/null
+        link_rate "$rate"
+        link_status ;;
+    kill-node) kill_node "${1:-}" ;;
+    *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE" >&2
+       exit 2 ;;
 esac

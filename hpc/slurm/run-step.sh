@@ -6,9 +6,17 @@
 # USR1/TERM to it (the ranks agree on a step, rank 0 writes a checkpoint, they exit 0), and then
 # requeues the job, whose next start resumes from that checkpoint (--resume auto).
 #
+# A step that fails (a rank killed, by the OOM killer or with its node) is requeued too, but only
+# when this start wrote a newer checkpoint than the one it resumed from: every retry then resumes
+# further on, and a run that fails before making progress (a bug, a bad option) ends the job with
+# the step's exit code instead of repeating. MPIRL_REQUEUE_ON_FAILURE=0 turns this off. A node
+# that stops answering is SLURM's to handle: it kills the job (NODE_FAIL) and requeues it (the
+# scripts ask for --requeue), on nodes that still work.
+#
 # Environment: MPIRL_HOME (repo; default $SLURM_SUBMIT_DIR), MPIRL_VENV (default $MPIRL_HOME/.venv),
 # MPIRL_RUN_DIR (default $MPIRL_HOME/runs/<job name>-<job id>[_<array task>]),
-# MPIRL_LAUNCHER=srun|mpirun (default srun), MPIRL_SRUN_MPI (default pmix).
+# MPIRL_LAUNCHER=srun|mpirun (default srun), MPIRL_SRUN_MPI (default pmix),
+# MPIRL_REQUEUE_ON_FAILURE=1|0 (default 1: see above).
 # Arguments are passed to `python -m mpirl.train`.
 set -uo pipefail
 
@@ -42,6 +50,10 @@ case "${MPIRL_LAUNCHER:-srun}" in
     *) echo "[mpirl] error: MPIRL_LAUNCHER must be srun or mpirun" >&2; exit 2 ;;
 esac
 
+# The checkpoint `latest` names (empty if none): what this start resumes from, then what it reached.
+latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null || true; }
+resumed_from=$(latest)
+
 stop_requested=0
 forward() {
     stop_requested=1
@@ -66,4 +78,13 @@ if [ "$stop_requested" = 1 ] && [ "$rc" = 0 ]; then
     exit 0
 fi
 echo "[mpirl] training step ended with exit code $rc"
+reached=$(latest)
+# Failed (not stopped by a signal, which a cancel also sends) after writing a newer checkpoint.
+if [ "$rc" != 0 ] && [ "$stop_requested" = 0 ] && [ "${MPIRL_REQUEUE_ON_FAILURE:-1}" = 1 ] &&
+    [ -n "$reached" ] && [ "$reached" != "$resumed_from" ]; then
+    echo "[mpirl] the step failed after checkpointing ($reached, resumed from ${resumed_from:-nothing});" \
+        "requeueing job ${SLURM_JOB_ID} to resume from it"
+    scontrol requeue "${SLURM_JOB_ID}" || { echo "[mpirl] error: scontrol requeue failed" >&2; exit "$rc"; }
+    exit 0
+fi
 exit "$rc"

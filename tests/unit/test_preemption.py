@@ -55,3 +55,29 @@ def test_stop_note_warns_only_when_the_checkpoint_may_not_fit():
     assert "SIGUSR1" in note and "odls_base_sigkill_timeout" in note and "\n" not in note
     assert preemption.stop_note("SIGUSR1", 500.0, grace, rule) == ""  # nothing follows USR1 with SIGKILL
     assert preemption.stop_note("SIGTERM/SIGINT", 500.0, math.inf, "") == ""
+
+
+def test_a_stop_signal_reaches_the_watchdog_while_the_main_thread_is_blocked():
+    """The C-level handler writes the signal's number to the wakeup fd even while the main thread
+    sits in a C call that never returns (a collective with a dead peer), when Python cannot run
+    the handler; a thread reads it and tells the watchdog. Simulated by writing that byte."""
+    import time
+
+    from mpirl import watchdog
+
+    saved = watchdog.HEART.stop_at
+    watchdog.HEART.stop_at = None
+    flag = preemption.StopFlag()
+    try:
+        wakeup = signal.set_wakeup_fd(-1)  # the fd StopFlag installed; put it straight back
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+        os.write(wakeup, bytes([signal.SIGTERM]))
+        deadline = time.monotonic() + 5
+        while watchdog.HEART.stop_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watchdog.HEART.stop_at is not None
+        assert flag.signum == 0  # the Python handler did not run: only the thread saw it
+    finally:
+        flag.restore()
+        watchdog.HEART.stop_at = saved
+    assert signal.set_wakeup_fd(-1) == -1  # restore() put the previous wakeup fd (none) back

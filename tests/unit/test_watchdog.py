@@ -26,10 +26,11 @@ class FakeBackstop:
 def heart():
     """The process heartbeat, fresh for the test and left as it was found."""
     h = watchdog.HEART
-    saved = (h.phase, h.since, h.collective, h.extra)
+    saved = (h.phase, h.since, h.collective, h.extra, h.stop_at)
     watchdog.begin("start-up")
+    h.stop_at = None
     yield h
-    h.phase, h.since, h.collective, h.extra = saved
+    h.phase, h.since, h.collective, h.extra, h.stop_at = saved
 
 
 def make(timeout=10.0, **kw):
@@ -84,6 +85,35 @@ def test_a_rank_in_a_collective_waits_the_grace_then_says_where(heart):
     assert msg is not None
     assert msg.startswith("mpirl: error: rank 1 waited 40 s in collective 'mpirl.metrics' for a rank that did not")
     assert "(--stall-timeout 10, + 30 s for it to name itself)" in msg
+
+
+def test_after_a_stop_signal_a_loop_collective_that_waits_long_has_lost_a_peer(heart):
+    """SLURM's teardown after a rank died elsewhere: SIGTERM, while this rank waits for the dead
+    one in the gradient allreduce. It ends the job STOP_GRACE_S later, not at the stall limit."""
+    dog, clock, _ = make(timeout=600.0)
+    with watchdog.waiting("gradient allreduce"):
+        clock.t = 2.0
+        watchdog.stop_signalled()
+        assert heart.stop_at is not None
+        heart.stop_at = heart.since + 2.0  # the signal 2 s into the wait, on the fake clock's time base
+        clock.t = 6.9
+        assert dog.check() is None  # 4.9 s since the signal
+        clock.t = 7.5
+        msg = dog.check()
+    assert msg is not None and msg.startswith("mpirl: error: rank 1 was asked to stop and has waited 6 s since")
+    assert "collective 'gradient allreduce'" in msg and "a peer is gone" in msg
+
+
+def test_a_stop_signal_does_not_shorten_other_collectives_or_local_work(heart):
+    dog, clock, _ = make(timeout=600.0)
+    heart.stop_at = heart.since
+    with watchdog.waiting("mpirl.eval"):  # a peer may play long evaluation episodes
+        clock.t = 300.0
+        assert dog.check() is None and dog.check() is None
+    watchdog.beat("checkpoint write")
+    heart.stop_at = heart.since
+    clock.t = 300.0
+    assert dog.check() is None and dog.check() is None
 
 
 def test_leaving_a_collective_is_progress_and_resumes_the_local_phase(heart):
