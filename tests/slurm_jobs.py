@@ -76,11 +76,11 @@ def wait_job(job: str, until: Callable[[dict[str, str]], bool], timeout: float, 
 
 
 def release_requeued(job: str, timeout: float = 120) -> None:
-    """Start a requeued job now. SLURM holds a requeued batch job for 120 s (its EligibleTime);
-    the tests check that the job was requeued and that it resumes, not that scheduling delay,
-    so once it is pending again they move its start time to now (what its owner may do too)."""
+    """Wait until a requeued job is pending again. SLURM then holds it for the job credential's
+    lifetime (``AuthInfo=cred_expire``, 15 s on the local cluster, 120 s by default) before it
+    may start: moving its start time to now made slurmd refuse the relaunch ("Job credential
+    revoked") and the job ended for good, so the tests wait that short hold out."""
     wait_job(job, lambda s: s.get("JobState") == "PENDING", timeout, poll=0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
 
 
 def read(path: str) -> str:

@@ -92,6 +92,9 @@ SlurmctldHost=$ctld
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Job credentials live 15 s, not SLURM's 120: a requeued job waits out that lifetime before it
+# starts again (slurmd refuses a relaunch while the old credential is revoked), so 15 s here.
+AuthInfo=cred_expire=15
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
