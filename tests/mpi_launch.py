@@ -47,6 +47,41 @@ def mpi_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except (OSError, ValueError):
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """``kill -9`` a job started in its own session: mpirun and every process below it. Open MPI
+    puts each rank in a process group of its own, so killing mpirun's group alone leaves the ranks
+    running (and writing checkpoints or recordings) for a second or two, as a batch system's kill
+    of the job would not."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run(cmd: Sequence[str], timeout: float, env: Optional[dict[str, str]] = None, cwd: Optional[str] = None) -> Result:
     """Run ``cmd`` in its own process group; kill the group and fail the test at ``timeout``."""
     import time
@@ -59,7 +94,7 @@ def run(cmd: Sequence[str], timeout: float, env: Optional[dict[str, str]] = None
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n"

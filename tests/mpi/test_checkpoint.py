@@ -1,7 +1,6 @@
 """Checkpoints under mpirun: exact resume, resume at another world size, bad files, preemption."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +9,8 @@ import time
 import h5py
 import numpy as np
 import pytest
+from mpi_launch import kill_job, mpirun, spawn_mpirl
 from mpi_launch import latest_checkpoint as _latest
-from mpi_launch import mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
@@ -217,7 +216,7 @@ def test_sigusr1_checkpoints_and_exits_zero_then_resumes(tmp_path, backend):
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "stop signal received" in out
     summary = json.loads((run / "summary.json").read_text())
@@ -245,7 +244,7 @@ def test_sigterm_to_mpirun_checkpoints_within_its_grace(tmp_path):
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode in (0, 1), err[-3000:]  # 1: mpirun's own status after it was sent SIGTERM
     assert "stop signal received" in out and "mpirl: done" in out, out[-2000:]
     assert "may take about" not in out  # a small checkpoint fits the grace: no warning
@@ -272,7 +271,7 @@ def test_kill_9_during_checkpointing_leaves_latest_loadable_and_resumable(tmp_pa
                 seen |= {p.name for p in folder.glob("step-*.h5")}
             time.sleep(0.05)
         time.sleep(0.013 * (attempt + 1))  # land somewhere inside the next write, or near it
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         proc.communicate()
         assert len(seen) >= 3, "checkpoints were not being written"
         latest = _latest(run)

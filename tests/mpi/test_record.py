@@ -17,7 +17,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import mpirun, run, spawn_mpirl
+from mpi_launch import kill_job, mpirun, run, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
@@ -113,16 +113,49 @@ def _same_data(a, b) -> None:
 
 
 def _stop(proc, sig, run_dir, min_rows: int) -> None:
-    """Send ``sig`` to the job once its progress log has ``min_rows`` rows."""
+    """Send ``sig`` to mpirun (which forwards it to every rank) once the progress log has ``min_rows`` rows."""
     deadline = time.monotonic() + 120
     progress = run_dir / "progress.csv"
     while not progress.exists() or len(progress.read_text().splitlines()) < min_rows:
         assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.2)
-    if sig == signal.SIGKILL:
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.send_signal(sig)
+    proc.send_signal(sig)
+
+
+def _latest_checkpoint(run_dir) -> int:
+    """Global env step of the run's latest checkpoint; -1 when it has none yet."""
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("-")[1].split(".")[0]) if latest.exists() else -1
+
+
+def _after(chunk: str, step: int) -> bool:
+    """Whether a chunk (named ``<first step>-r<rank>-s<segment start>.h5``) holds steps after ``step``."""
+    first, _, segment = chunk[:-3].split("-")
+    return int(first) > step or int(segment[1:]) >= step
+
+
+def _logged_after(run_dir, step: int) -> bool:
+    """Whether the complete lines written so far to episodes.csv log an episode after ``step``."""
+    try:
+        text = (run_dir / "episodes.csv").read_text()
+    except FileNotFoundError:
+        return False
+    rows = list(csv.DictReader(text[: text.rfind("\n") + 1].splitlines()))
+    return any(int(r["global_env_steps"]) > step for r in rows)
+
+
+def _kill_past_a_checkpoint(proc, run_dir, rec) -> None:
+    """kill -9 the job once its latest checkpoint is at 1,600 steps or later and both a recorded
+    chunk and the episode log hold steps after it, so that the resume has steps to discard."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None, "no chunk past a checkpoint"
+        at = _latest_checkpoint(run_dir)
+        chunks = os.listdir(rec / "chunks") if (rec / "chunks").is_dir() else []
+        if at >= 1600 and any(n.endswith(".h5") and _after(n, at) for n in chunks) and _logged_after(run_dir, at):
+            kill_job(proc)
+            return
+        time.sleep(0.05)
 
 
 def test_a_preempted_and_resumed_recording_is_the_uninterrupted_one(tmp_path, straight):
@@ -134,7 +167,7 @@ def test_a_preempted_and_resumed_recording_is_the_uninterrupted_one(tmp_path, st
         out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode == 0 and "stop signal received" in out, err[-3000:]
     stopped = json.loads((run_dir / "summary.json").read_text())["global_env_steps"]
     assert stopped < TOTAL
@@ -155,16 +188,19 @@ def test_a_killed_run_resumed_from_its_checkpoint_drops_what_came_after(tmp_path
     proc = spawn_mpirl([*BASE, "--total-env-steps", "400000", "--run-dir", str(run_dir), "--record-episodes",
                         str(rec), "--checkpoint-interval", "1600"], env=SMALL_CHUNKS)  # fmt: skip
     try:
-        _stop(proc, signal.SIGKILL, run_dir, 7)  # progress rows every 400 steps: past the checkpoint at 1,600
+        _kill_past_a_checkpoint(proc, run_dir, rec)
         proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    last = (run_dir / "checkpoints" / "latest").read_text().strip()
-    at = int(last.split("-")[1].split(".")[0])
+            kill_job(proc)
+    at = _latest_checkpoint(run_dir)
     assert at >= 1600 and any(r[0] > at for r in _logged(run_dir))  # the log went on past the checkpoint
+    # What the resume must discard, by the chunk names' (first step, segment) rule in mpirl.recording;
+    # the kill waited for such a chunk, so this is 0 only if a checkpoint landed within the kill's ms.
+    later = [n for n in os.listdir(rec / "chunks") if n.endswith(".h5") and _after(n, at)]
     res = _train(run_dir, rec, TOTAL, "--resume", "auto", "--checkpoint-interval", "1600", env=SMALL_CHUNKS)
-    assert f"after step {at:,} discarded" in res.stdout, res.stdout[-3000:]
+    note = f"{len(later)} chunk(s) after step {at:,} discarded" if later else "discarded"
+    assert (note in res.stdout) == bool(later), res.stdout[-3000:]
     _export(rec, "--d4rl", str(tmp_path / "d.hdf5"))
     logged = _logged(run_dir)
     assert _d4rl(tmp_path / "d.hdf5") == logged == _logged(straight / "run")

@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import mpirun, spawn_mpirl
+from mpi_launch import kill_job, mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 ENVS = os.path.join(os.path.dirname(__file__), "envs")
@@ -79,7 +79,7 @@ def test_kill_9_of_one_rank_ends_job_within_30s(tmp_path, backend):
         elapsed = time.monotonic() - t_kill
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode != 0
     assert elapsed < 30, f"job took {elapsed:.1f}s to end after rank 1 died"
     assert "rank 1" in err and ("signal 9" in err or "Killed" in err), err[-2000:]
@@ -206,7 +206,7 @@ def test_two_jobs_on_one_run_dir_the_second_is_refused_then_takes_over_a_dead_on
         assert len(lines) == 2 and all("is in use by another job (host" in ln for ln in lines), second.stderr[-2000:]
         assert (run / "config.json").read_bytes() == config and first.poll() is None
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        kill_job(first)
         first.communicate()
     latest = int((run / "checkpoints" / "latest").read_text().strip()[len("step-") : -len(".h5")])
     res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", str(latest + 800), "--run-dir", str(run),
