@@ -20,7 +20,11 @@ thread's stack, and ends the job through ``end`` (``dist.abort``: MPI_Abort) wit
 
 A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that then waits in one of the
 training loop's collectives (``LOOP_COLLECTIVES``: every rank reaches them within an iteration) for
-more than ``STOP_GRACE_S`` has lost a peer: a rank killed, or its node gone. Open MPI only warns
+longer than a healthy peer could keep it waiting has lost a peer: a rank killed, or its node gone.
+That wait is ``stop_grace``: ``STOP_GRACE_S``, or ``STOP_SPANS`` times the longest stretch of this
+rank's own work between two loop collectives seen lately (``Heart.loop_span``; a peer's stretch
+is as long, give or take), so a job whose iterations take seconds (local SGD, a slow env, a
+checkpoint just before) is not ended by a healthy but slower peer. Open MPI only warns
 that the peer disconnected and the collective never returns, and SLURM's step teardown sends
 SIGTERM, which asks for a checkpoint that cannot happen; without this the rank waited for the
 SIGKILL ``KillWait`` later (30 s) or for the stall timeout. It ends the job at once instead.
@@ -51,7 +55,9 @@ EXIT_STALL = 5  # the job's exit code when a rank stalled (mpirun returns MPI_Ab
 IO_BYTES_PER_S = 20e6  # slowest disk or network file system a checkpoint is allowed, bytes/s
 ABORT_GRACE_S = 10.0  # after the message: the backstop ends a rank whose abort itself hangs
 START_UP_S = 120.0  # extra seconds for the start-up stage (lazy imports: torch._dynamo took 5 s)
-STOP_GRACE_S = 5.0  # after a stop signal, the longest wait in a loop collective before a peer counts as gone
+STOP_GRACE_S = 5.0  # after a stop signal, the shortest wait in a loop collective before a peer counts as gone
+STOP_SPANS = 3.0  # ... or this many times the longest recent stretch of work between loop collectives
+SPAN_DECAY = 0.99  # per loop collective: a long stretch (a checkpoint) is forgotten over some hundred
 LOOP_COLLECTIVES = ("gradient allreduce", "mpirl.preempt", "mpirl.metrics")
 
 R = TypeVar("R")
@@ -62,7 +68,7 @@ class Heart:
     """One rank's heartbeat: what it does and since when (monotonic seconds). Written by the
     rank's main thread only, read by its watchdog."""
 
-    __slots__ = ("phase", "since", "collective", "extra", "stop_at")
+    __slots__ = ("phase", "since", "collective", "extra", "stop_at", "loop_exit", "loop_span")
 
     def __init__(self) -> None:
         self.phase = "start-up"
@@ -70,11 +76,18 @@ class Heart:
         self.collective = False  # waiting for peers in a collective (gets the grace)
         self.extra = 0.0  # seconds added to the limit by the current allowance()
         self.stop_at: Optional[float] = None  # when the first stop signal arrived
+        self.loop_exit: Optional[float] = None  # when this rank last left a loop collective
+        self.loop_span = 0.0  # seconds: the longest stretch between loop collectives, decaying
+
+
+def stop_grace(heart: Heart) -> float:
+    """Seconds a rank told to stop waits in a loop collective before it counts a peer as gone."""
+    return max(STOP_GRACE_S, STOP_SPANS * heart.loop_span)
 
 
 def stop_signalled() -> None:
     """A stop signal arrived (called from the signal handler): from now on a loop collective
-    that waits past ``STOP_GRACE_S`` ends the job."""
+    that waits past ``stop_grace`` ends the job."""
     if HEART.stop_at is None:
         HEART.stop_at = _now()
 
@@ -92,6 +105,7 @@ def beat(phase: str) -> None:
 def begin(stage: str, extra_s: float = 0.0) -> None:
     """A new stage of the run (start-up, training), whose phases get ``extra_s`` more seconds."""
     HEART.collective, HEART.extra = False, extra_s
+    HEART.loop_exit, HEART.loop_span = None, 0.0  # the stretches of the loop are measured anew
     beat(stage)
 
 
@@ -102,11 +116,16 @@ def waiting(name: str) -> Iterator[None]:
     h = HEART
     before = h.phase
     h.collective, h.phase, h.since = True, name, _now()
+    loop = name in LOOP_COLLECTIVES
+    if loop and h.loop_exit is not None:  # this rank's work since the last loop collective
+        h.loop_span = max(h.since - h.loop_exit, h.loop_span * SPAN_DECAY)
     try:
         yield
     finally:
         h.since = _now()
         h.collective, h.phase = False, before
+        if loop:
+            h.loop_exit = h.since
 
 
 @contextlib.contextmanager
@@ -215,12 +234,12 @@ class Watchdog:
         idle = self.clock() - since
         stop_at = h.stop_at
         if collective and stop_at is not None and phase in LOOP_COLLECTIVES:
-            waited = self.clock() - max(since, stop_at)
-            if waited > STOP_GRACE_S:
+            waited, grace = self.clock() - max(since, stop_at), stop_grace(h)
+            if waited > grace:
                 return (
                     f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s since in "
                     f"collective '{phase}' for a rank that did not arrive: a peer is gone (killed, or its node "
-                    "lost); ending the job"
+                    f"lost); ending the job (a healthy peer arrives within {grace:,.0f} s)"
                 )
         if idle <= self.timeout_s + extra + (self.grace_s if collective else 0.0):
             self._suspect = None

@@ -26,11 +26,11 @@ class FakeBackstop:
 def heart():
     """The process heartbeat, fresh for the test and left as it was found."""
     h = watchdog.HEART
-    saved = (h.phase, h.since, h.collective, h.extra, h.stop_at)
+    saved = (h.phase, h.since, h.collective, h.extra, h.stop_at, h.loop_exit, h.loop_span)
     watchdog.begin("start-up")
     h.stop_at = None
     yield h
-    h.phase, h.since, h.collective, h.extra, h.stop_at = saved
+    h.phase, h.since, h.collective, h.extra, h.stop_at, h.loop_exit, h.loop_span = saved
 
 
 def make(timeout=10.0, **kw):
@@ -89,7 +89,8 @@ def test_a_rank_in_a_collective_waits_the_grace_then_says_where(heart):
 
 def test_after_a_stop_signal_a_loop_collective_that_waits_long_has_lost_a_peer(heart):
     """SLURM's teardown after a rank died elsewhere: SIGTERM, while this rank waits for the dead
-    one in the gradient allreduce. It ends the job STOP_GRACE_S later, not at the stall limit."""
+    one in the gradient allreduce. It ends the job STOP_GRACE_S later (the loop's stretches are
+    short), not at the stall limit."""
     dog, clock, _ = make(timeout=600.0)
     with watchdog.waiting("gradient allreduce"):
         clock.t = 2.0
@@ -102,6 +103,36 @@ def test_after_a_stop_signal_a_loop_collective_that_waits_long_has_lost_a_peer(h
         msg = dog.check()
     assert msg is not None and msg.startswith("mpirl: error: rank 1 was asked to stop and has waited 6 s since")
     assert "collective 'gradient allreduce'" in msg and "a peer is gone" in msg
+
+
+def test_the_stop_grace_grows_with_the_loops_longest_recent_stretch_of_work(heart, monkeypatch):
+    """Local SGD or a slow env: seconds of work between loop collectives. A peer as slow as this
+    rank is healthy: the grace is STOP_SPANS such stretches, and a long one (a checkpoint) fades."""
+    t = [100.0]
+    monkeypatch.setattr(watchdog, "_now", lambda: t[0])
+    watchdog.begin("training")
+    for work in (0.01, 4.0, 0.01):  # seconds of local work before each vote
+        t[0] += work
+        with watchdog.waiting("mpirl.preempt"):
+            t[0] += 0.001
+    with watchdog.waiting("mpirl.sync"):  # not a loop collective: it ends no stretch
+        t[0] += 0.001
+    assert heart.loop_span == pytest.approx(4.0 * watchdog.SPAN_DECAY)
+    assert watchdog.stop_grace(heart) == pytest.approx(watchdog.STOP_SPANS * 4.0 * watchdog.SPAN_DECAY)
+    dog, clock, _ = make(timeout=600.0)
+    with watchdog.waiting("mpirl.preempt"):
+        heart.stop_at = heart.since
+        clock.t = 10.0  # past STOP_GRACE_S, within three stretches of 4 s (3.9 s, decayed twice)
+        assert dog.check() is None
+        clock.t = 12.5
+        msg = dog.check()
+    assert msg is not None and "a peer is gone" in msg and "a healthy peer arrives within 12 s" in msg
+    for _ in range(400):  # the 4 s stretch fades; the grace returns to STOP_GRACE_S
+        with watchdog.waiting("mpirl.preempt"):
+            t[0] += 0.01
+    assert watchdog.stop_grace(heart) == watchdog.STOP_GRACE_S
+    watchdog.begin("training")  # a new run measures anew
+    assert heart.loop_exit is None and heart.loop_span == 0.0
 
 
 def test_a_stop_signal_does_not_shorten_other_collectives_or_local_work(heart):
