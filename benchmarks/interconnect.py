@@ -17,9 +17,11 @@ run interleaved with its baselines:
   on two nodes, one each (TCP over the link), at every rate.
 
 Every job is ``mpirun --host ... --bind-to none`` through hpc/slurm/on-node.sh (no SLURM, no ssh).
-The two "nodes" share this machine's 2 cores: each of the 2 ranks has a core in both placements,
-so one node against two differ only in the transport. (2 ranks per node, 4 in all, would put 2
-ranks on each core: oversubscribed, so not measured here.) The link rate is reset at the end.
+Each "node" runs on its own core (local-cluster.sh gives node i CPU i-1 of this 2-core machine),
+so a rank on two nodes has one core and one torch thread; the one-node baseline runs on the host
+(the login node: both cores, 2 ranks, one core and one thread each). So one node against two
+differ only in the transport. (2 ranks per node, 4 in all, would put 2 ranks on each core:
+oversubscribed, so not measured here.) The link rate is reset at the end.
 The report (tables, the model's check and its predictions) is benchmarks/interconnect_report.py.
 """
 
@@ -38,6 +40,7 @@ from common import QUICK_RESULTS, REPO, RESULTS, VENV_PYTHON, machine, read_json
 CLUSTER = os.path.join(REPO, "hpc", "slurm", "local-cluster.sh")
 ON_NODE = os.path.join(REPO, "hpc", "slurm", "on-node.sh")
 NODES = ("mpirl-n1", "mpirl-n2")
+ONE_NODE = "localhost:2"  # the host: both cores (a namespace node has one), shared memory between the 2 ranks
 RATES = ("unshaped", "10gbit", "1gbit", "100mbit")
 VARIANTS = {"K=1": [], "K=4": ["--sync-every", "4"], "K=16": ["--sync-every", "16"], "fp16": ["--fp16-allreduce"]}
 COMMON = ["--eval-interval", "0", "--final-eval-episodes", "0", "--checkpoint-interval", "0", "--no-tensorboard"]
@@ -45,9 +48,9 @@ COMMON = ["--eval-interval", "0", "--final-eval-episodes", "0", "--checkpoint-in
 # 128x128, 8 envs, batch 128 per rank). MinAtar Breakout: configs/minatar-dqn.toml's CNN (4 envs,
 # batch 128 per rank), a smaller replay and a short warm-up so that the run is all updates.
 TASKS: dict[str, tuple[list[str], int, int]] = {
-    "cartpole": (["--env", "CartPole-v1", "--learning-starts-per-rank", "256"], 2_000, 1_000),
+    "cartpole": (["--env", "CartPole-v1", "--learning-starts-per-rank", "256"], 6_000, 1_000),
     "minatar": (["--config", "configs/minatar-dqn.toml", "--env", "MinAtar/Breakout-v1",
-                 "--learning-starts-per-rank", "512", "--buffer-size-per-rank", "20000"], 900, 800),
+                 "--learning-starts-per-rank", "512", "--buffer-size-per-rank", "20000"], 2_700, 800),
 }  # fmt: skip
 
 
@@ -101,7 +104,7 @@ def train(task: str, hosts: str, np: int, variant: str, steps_per_rank: int, tmp
 
 def links(rates: list[str], sizes: list[int], tmp: str) -> dict[str, Any]:
     """The link at every rate, and shared memory within one node."""
-    found = {"one node": measure_link(f"{NODES[0]}:2", sizes, tmp)}
+    found = {"one node": measure_link(ONE_NODE, sizes, tmp)}
     for rate in rates:
         set_rate(rate)
         found[rate] = measure_link(",".join(NODES), sizes, tmp)
@@ -122,7 +125,7 @@ def one_round(task: str, rates: list[str], steps: int, tmp: str) -> list[dict[st
 
     run("1 rank", "-", NODES[0], 1, "K=1")
     for variant in VARIANTS:
-        run("one node", "-", f"{NODES[0]}:2", 2, variant)
+        run("one node", "-", ONE_NODE, 2, variant)
         for rate in rates:
             set_rate(rate)
             run("two nodes", rate, ",".join(NODES), 2, variant)

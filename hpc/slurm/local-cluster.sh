@@ -64,8 +64,10 @@ configure() {  # configure N
 SlurmdPidFile=$state/slurmd.pid
 SlurmdLogFile=$state/slurmd.log"
     else
-        # Every node declares this machine's cores and memory: the nodes share them, so N nodes
-        # full of ranks oversubscribe the cores N times (fine for testing, not for timing).
+        # Every node runs on its own slice of the cores (nodes.sh) but declares all of them and
+        # this machine's memory, and slurmd trusts that (config_overrides), so that a job of 2
+        # tasks per node fits on a 2-core machine; such a job oversubscribes each node's slice
+        # (fine for testing, not for timing). One task per node has its node's cores to itself.
         ctld="$host($net.1)"
         nodes=""
         local i
@@ -79,7 +81,8 @@ SlurmdLogFile=$state/slurmd.log"
         # use 60-300): 10 s here. Detection took 25-27 s with 10 s and with 5 s alike (each ping
         # round to a dead slurmd lasts up to MessageTimeout, 10 s), and 5 s let a node that was slow
         # to answer under load (load average 11) be counted as not responding.
-        slurmd_files="SlurmdSpoolDir=$state/d-%n
+        slurmd_files="SlurmdParameters=config_overrides
+SlurmdSpoolDir=$state/d-%n
 SlurmdPidFile=$state/slurmd-%n.pid
 SlurmdLogFile=$state/slurmd-%n.log
 TmpFS=$state/tmp-%n
@@ -155,13 +158,19 @@ start_slurmds() {
     done
 }
 
+cpus_note() {  # what each node runs on, for the start-up line
+    local name out=""
+    for name in $(cluster_nodes); do out+="${out:+, }$name on CPU $(cat "$(cpus_file "$name")")"; done
+    echo "${out:-$(nproc) CPUs}"
+}
+
 wait_idle() {  # every node idle (or busy with jobs); nodes marked down by a crash come back
     local want=$1 st ok down
     for _ in $(seq 150); do
         st=$(sinfo -h -N -o '%N %T' 2>/dev/null || true)
         ok=$(awk '$2 ~ /^(idle|mixed|allocated|completing)$/' <<<"$st" | wc -l)
         if [ "$ok" -ge "$want" ]; then
-            say "up: $(tr '\n' ' ' <<<"$st")($(nproc) CPUs per node)"
+            say "up: $(tr '\n' ' ' <<<"$st")($(cpus_note))"
             return 0
         fi
         down=$(awk '$2 ~ /^(down|drain|drained|draining)/ {print $1}' <<<"$st")

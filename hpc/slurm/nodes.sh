@@ -6,7 +6,10 @@
 #   - a veth pair joins its eth0 to the bridge mpirl-br0 on the host, which holds $net.1 (the
 #     login node: slurmctld, sbatch, mpirun). The bridge is the cluster's switch.
 # Processes, the filesystem (repository, virtualenv, /run/munge) and /dev/shm stay shared: the
-# shared filesystem of a cluster, on one kernel. The nodes share this machine's cores.
+# shared filesystem of a cluster, on one kernel. Cores are not shared where there are enough:
+# each node gets its own slice of this machine's CPUs ($state/ns/mpirl-n<i>.cpus, applied by
+# on-node.sh with taskset), so a rank sees the cores of its node only, as on a real cluster; with
+# fewer CPUs than nodes, node i gets CPU (i-1) mod C and the nodes share.
 #
 # Namespace handles: /run/netns/mpirl-n<i> (ip netns) and $state/ns/mpirl-n<i>.uts (a bind mount
 # of the UTS namespace, made by unshare --uts=FILE). on-node.sh enters both.
@@ -18,6 +21,22 @@ hosts_marker="# mpirl local-cluster node"
 node_name() { echo "mpirl-n$1"; }
 node_addr() { echo "$net.$((10 + $1))"; }
 uts_file() { echo "$state/ns/$1.uts"; }
+cpus_file() { echo "$state/ns/$1.cpus"; }
+
+# The CPU list (taskset -c form) of node INDEX of N: a contiguous slice of the CPUs this script
+# may use, C/N of them (node i gets the remainder's extra CPU first), or one shared CPU if C < N.
+node_cpus() {  # node_cpus INDEX N
+    local -a all
+    mapfile -t all < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)), sep="\n")')
+    local c=${#all[@]} i=$(($1 - 1)) n=$2
+    if [ "$c" -lt "$n" ]; then
+        echo "${all[$((i % c))]}"
+        return
+    fi
+    local first=$((i * c / n)) last=$(((i + 1) * c / n - 1)) out="" k
+    for k in $(seq "$first" "$last"); do out+="${out:+,}${all[$k]}"; done
+    echo "$out"
+}
 
 # Can this process make network namespaces and veth pairs here? (root, and a kernel that lets it)
 netns_allowed() {
@@ -26,7 +45,7 @@ netns_allowed() {
     ip netns del "$probe"
 }
 
-node_up() {  # node_up INDEX: namespaces, link and address of one node (idempotent)
+node_up() {  # node_up INDEX N: namespaces, link, address and CPUs of one node (idempotent)
     local name addr uts
     name=$(node_name "$1")
     addr=$(node_addr "$1")
@@ -40,6 +59,7 @@ node_up() {  # node_up INDEX: namespaces, link and address of one node (idempote
     ip -n "$name" addr replace "$addr/24" dev eth0
     ip -n "$name" link set eth0 up
     mkdir -p "$(dirname "$uts")"
+    node_cpus "$1" "$2" >"$(cpus_file "$name")"
     if ! nsenter --uts="$uts" true 2>/dev/null; then
         touch "$uts"
         unshare --uts="$uts" hostname "$name"
@@ -53,7 +73,7 @@ network_up() {  # network_up N
     ip addr replace "$net.1/24" dev "$bridge"
     ip link set "$bridge" up
     local i
-    for i in $(seq "$1"); do node_up "$i"; done
+    for i in $(seq "$1"); do node_up "$i" "$1"; done
     hosts_add "$1"
 }
 
@@ -102,7 +122,7 @@ network_down() {
         kill_node_procs "$name" || say "warning: processes of $name did not end"
         uts=$(uts_file "$name")
         if mountpoint -q "$uts" 2>/dev/null || grep -qF " $uts " /proc/mounts; then umount "$uts"; fi
-        rm -f "$uts"
+        rm -f "$uts" "$(cpus_file "$name")"
         ip link del "$name" 2>/dev/null || true  # also removes eth0 inside the namespace
         ip netns del "$name"
     done

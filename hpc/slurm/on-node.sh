@@ -8,7 +8,8 @@
 #
 # The second line is Open MPI's rsh launcher with this script as its agent instead of ssh: mpirun
 # (on the host, the login node) starts its orted on each node through it, and no ssh daemon is
-# involved. Needs root (nsenter), like the cluster itself.
+# involved. Needs root (nsenter), like the cluster itself. The command runs on the node's own
+# CPUs (taskset -c with the list local-cluster.sh gave the node), and so does all it starts.
 set -euo pipefail
 
 [ $# -ge 2 ] || { echo "usage: $0 NODE COMMAND [ARG...]" >&2; exit 2; }
@@ -20,7 +21,9 @@ uts="$state/ns/$node.uts"
     echo "on-node.sh: no node $node here (hpc/slurm/local-cluster.sh start --nodes N makes mpirl-n1..N)" >&2
     exit 255  # what ssh returns when it cannot reach the host
 }
-exec nsenter --net="/run/netns/$node" --uts="$uts" -- \
+cpus=()
+[ -s "$state/ns/$node.cpus" ] && cpus=(taskset -c "$(cat "$state/ns/$node.cpus")")
+exec "${cpus[@]}" nsenter --net="/run/netns/$node" --uts="$uts" -- \
     env -i HOME="${HOME:-/root}" USER="$(id -un)" LOGNAME="$(id -un)" LANG="${LANG:-C.UTF-8}" \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     /bin/sh -c "$*"
