@@ -175,8 +175,8 @@ class Collector:
         ready = self.nstep.push(self.keys, actions, stored, next_keys, ends, truncated, valid)
         if ready is not None:
             self.replay.add(ready)
-        if fin_r:  # the envs that finished, in the tracker's order (ascending env index)
-            self.stats.add(fin_r, fin_l, np.flatnonzero((terminated | truncated) & valid).tolist(), global_step)
+        if fin_r:
+            self.stats.add(fin_r, fin_l, self.tracker.finished(), global_step)
         if self.recorder is not None:  # the rewards as the env gave them (unclipped)
             self.recorder.step(
                 actions, rewards, terminated, truncated, valid, next_obs, epsilon, self.explored, global_step

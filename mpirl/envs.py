@@ -377,6 +377,10 @@ class EpisodeTracker:
         self.prev_done = done
         return valid, finished_r, finished_l
 
+    def finished(self) -> list[int]:
+        """The envs whose episodes the last ``step`` finished, ascending: the order of its lists."""
+        return np.flatnonzero(self.prev_done).tolist()
+
     def state(self) -> dict[str, np.ndarray]:
         """The arrays (returns, lengths, prev_done), for checkpoints."""
         return {"returns": self.returns, "lengths": self.lengths, "prev_done": self.prev_done}

@@ -36,6 +36,8 @@ def test_tracker_masks_the_autoreset_step_next_step_mode():
         # the mask is exactly "not done on the previous step"
         np.testing.assert_array_equal(valid, ~prev_done)
         steps_after_done += int((~valid).sum())
+        assert tracker.finished() == np.flatnonzero((term | trunc) & valid).tolist()  # who, in the lists' order
+        assert len(tracker.finished()) == len(fin_r)
         prev_done = term | trunc
         finished += list(zip(fin_r, fin_l))
     vec.close()
