@@ -18,17 +18,16 @@ thread's stack, and ends the job through ``end`` (``dist.abort``: MPI_Abort) wit
 ``EXIT_STALL``. A rank waiting in a collective gives the stalled peer a grace
 (``grace_seconds``) to name itself first, then ends the job saying where it waited.
 
-A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that has waited in one of the
-training loop's collectives (``LOOP_COLLECTIVES``: every rank reaches them within an iteration)
-longer than a healthy peer could keep it waiting, before the signal or after, has lost a peer: a
-rank killed, or its node gone. That wait is ``stop_grace``: ``STOP_GRACE_S``, or ``STOP_SPANS``
-times the longest stretch of this rank's own work between two loop collectives seen lately
-(``Heart.loop_span``; a peer's stretch is as long, give or take), so a job whose iterations take
-seconds (local SGD, a slow env, a checkpoint just before) is not ended by a healthy but slower
-peer. Open MPI only warns that the peer disconnected and the collective never returns, and
-SLURM's step teardown sends SIGTERM, which asks for a checkpoint that cannot happen; without this
-the rank waited for the SIGKILL ``KillWait`` later (30 s) or for the stall timeout. It ends the
-job at once instead (a lost node: as soon as SLURM, having declared it down, signals the rest).
+A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that then waits in one of the
+training loop's collectives (``LOOP_COLLECTIVES``: every rank reaches them within an iteration) for
+longer than a healthy peer could keep it waiting has lost a peer: a rank killed, or its node gone.
+That wait is ``stop_grace``: ``STOP_GRACE_S``, or ``STOP_SPANS`` times the longest stretch of this
+rank's own work between two loop collectives seen lately (``Heart.loop_span``; a peer's stretch
+is as long, give or take), so a job whose iterations take seconds (local SGD, a slow env, a
+checkpoint just before) is not ended by a healthy but slower peer. Open MPI only warns
+that the peer disconnected and the collective never returns, and SLURM's step teardown sends
+SIGTERM, which asks for a checkpoint that cannot happen; without this the rank waited for the
+SIGKILL ``KillWait`` later (30 s) or for the stall timeout. It ends the job at once instead.
 
 A call that never returns and holds the GIL (a C extension) stops the checking thread too. So
 each check also re-arms a kernel timer (SIGALRM) past the local limit: if the thread cannot run
@@ -234,14 +233,17 @@ class Watchdog:
             self.backstop.arm(self.timeout_s + extra + self.margin_s)
         idle = self.clock() - since
         stop_at = h.stop_at
-        if collective and stop_at is not None and phase in LOOP_COLLECTIVES:
-            # The whole wait in this collective counts, also before the signal: SLURM tells the
-            # survivors of a lost node to stop only once it has declared the node down (25 s
-            # here), by when they have waited that long; there is nothing left to wait for.
-            waited, grace = self.clock() - since, stop_grace(h)
+        # A loop collective, or one inside a checkpoint's allowance (a peer killed while the
+        # ranks checkpoint): a healthy peer arrives within the grace plus that allowance.
+        if collective and stop_at is not None and (phase in LOOP_COLLECTIVES or extra > 0):
+            # Counted from the signal, not from entering the collective: after another rank's
+            # MPI_Abort (a stall it named), mpirun sends this rank SIGTERM and SIGKILL ~2 s later;
+            # counting the whole wait made it add a second, wrong "peer is gone" error beside the
+            # stalled rank's own. The cost: a lost node's survivors end 5 s after SLURM's SIGTERM.
+            waited, grace = self.clock() - max(since, stop_at), stop_grace(h) + extra
             if waited > grace:
                 return (
-                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s in "
+                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s since in "
                     f"collective '{phase}' for a rank that did not arrive: a peer is gone (killed, or its node "
                     f"lost); ending the job (a healthy peer arrives within {grace:,.0f} s)"
                 )
