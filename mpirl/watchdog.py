@@ -24,7 +24,9 @@ longer than a healthy peer could keep it waiting has lost a peer: a rank killed,
 That wait is ``stop_grace``: ``STOP_GRACE_S``, or ``STOP_SPANS`` times the longest stretch of this
 rank's own work between two loop collectives seen lately (``Heart.loop_span``; a peer's stretch
 is as long, give or take), so a job whose iterations take seconds (local SGD, a slow env, a
-checkpoint just before) is not ended by a healthy but slower peer. Open MPI only warns
+checkpoint just before) is not ended by a healthy but slower peer. The collectives of a
+checkpoint (inside its ``allowance``) are watched too, their grace grown by that allowance: a
+rank killed while the ranks checkpoint is also caught. Open MPI only warns
 that the peer disconnected and the collective never returns, and SLURM's step teardown sends
 SIGTERM, which asks for a checkpoint that cannot happen; without this the rank waited for the
 SIGKILL ``KillWait`` later (30 s) or for the stall timeout. It ends the job at once instead.
@@ -81,8 +83,9 @@ class Heart:
 
 
 def stop_grace(heart: Heart) -> float:
-    """Seconds a rank told to stop waits in a loop collective before it counts a peer as gone."""
-    return max(STOP_GRACE_S, STOP_SPANS * heart.loop_span)
+    """Seconds a rank told to stop waits in a loop collective, or one inside an allowance (a
+    checkpoint's), before it counts a peer as gone: a healthy peer arrives within them."""
+    return max(STOP_GRACE_S, STOP_SPANS * heart.loop_span) + heart.extra
 
 
 def stop_signalled() -> None:
@@ -234,13 +237,13 @@ class Watchdog:
         idle = self.clock() - since
         stop_at = h.stop_at
         # A loop collective, or one inside a checkpoint's allowance (a peer killed while the
-        # ranks checkpoint): a healthy peer arrives within the grace plus that allowance.
+        # ranks checkpoint); other collectives (evaluation) may wait long for healthy peers.
         if collective and stop_at is not None and (phase in LOOP_COLLECTIVES or extra > 0):
             # Counted from the signal, not from entering the collective: after another rank's
             # MPI_Abort (a stall it named), mpirun sends this rank SIGTERM and SIGKILL ~2 s later;
             # counting the whole wait made it add a second, wrong "peer is gone" error beside the
             # stalled rank's own. The cost: a lost node's survivors end 5 s after SLURM's SIGTERM.
-            waited, grace = self.clock() - max(since, stop_at), stop_grace(h) + extra
+            waited, grace = self.clock() - max(since, stop_at), stop_grace(h)
             if waited > grace:
                 return (
                     f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s since in "

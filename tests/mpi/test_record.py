@@ -129,7 +129,8 @@ def _latest_checkpoint(run_dir) -> int:
 
 
 def _after(chunk: str, step: int) -> bool:
-    """Whether a chunk (named ``<first step>-r<rank>-s<segment start>.h5``) holds steps after ``step``."""
+    """Whether a chunk (named ``<first step>-r<rank>-s<segment start>.h5``) holds steps after ``step``.
+    Restated here on purpose, not imported from mpirl.recording: the test's own oracle."""
     first, _, segment = chunk[:-3].split("-")
     return int(first) > step or int(segment[1:]) >= step
 
