@@ -18,9 +18,11 @@ thread's stack, and ends the job through ``end`` (``dist.abort``: MPI_Abort) wit
 ``EXIT_STALL``. A rank waiting in a collective gives the stalled peer a grace
 (``grace_seconds``) to name itself first, then ends the job saying where it waited.
 
-A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that then waits in one of the
+A rank told to stop (SIGTERM, SIGUSR1, SIGINT: ``stop_signalled``) that waits in one of the
 training loop's collectives (``LOOP_COLLECTIVES``: every rank reaches them within an iteration) for
 longer than a healthy peer could keep it waiting has lost a peer: a rank killed, or its node gone.
+The wait before the signal counts too, unless a stalled peer may have reached its own limit by
+then (its MPI_Abort is what made mpirun signal, and the stalled rank's line is the one to print).
 That wait is ``stop_grace``: ``STOP_GRACE_S``, or ``STOP_SPANS`` times the longest stretch of this
 rank's own work between two loop collectives seen lately (``Heart.loop_span``; a peer's stretch
 is as long, give or take), so a job whose iterations take seconds (local SGD, a slow env, a
@@ -239,16 +241,21 @@ class Watchdog:
         # A loop collective, or one inside a checkpoint's allowance (a peer killed while the
         # ranks checkpoint); other collectives (evaluation) may wait long for healthy peers.
         if collective and stop_at is not None and (phase in LOOP_COLLECTIVES or extra > 0):
-            # Counted from the signal, not from entering the collective: after another rank's
-            # MPI_Abort (a stall it named), mpirun sends this rank SIGTERM and SIGKILL ~2 s later;
-            # counting the whole wait made it add a second, wrong "peer is gone" error beside the
-            # stalled rank's own. The cost: a lost node's survivors end 5 s after SLURM's SIGTERM.
-            waited, grace = self.clock() - max(since, stop_at), stop_grace(h)
+            grace = stop_grace(h)
+            # The whole wait counts when no stalled peer can have named itself by the signal: its
+            # limit is timeout + extra, and it stopped beating at most a stretch (< grace) before
+            # this rank began to wait. Then the signal came from elsewhere (SLURM, once it had
+            # declared a lost node down, ~25 s here) and the peer is missing since; waiting more
+            # only delays the end. Otherwise it counts from the signal: after a stalled peer's
+            # MPI_Abort, mpirun sends this rank SIGTERM and SIGKILL ~2 s later, and ending at
+            # once would add a second, wrong "peer is gone" error beside the stalled rank's own.
+            named = stop_at - since + grace >= self.timeout_s + extra
+            waited = self.clock() - (max(since, stop_at) if named else since)
             if waited > grace:
                 return (
-                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {waited:,.0f} s since in "
-                    f"collective '{phase}' for a rank that did not arrive: a peer is gone (killed, or its node "
-                    f"lost); ending the job (a healthy peer arrives within {grace:,.0f} s)"
+                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {self.clock() - since:,.0f} s "
+                    f"in collective '{phase}' for a rank that did not arrive: a peer is gone (it failed, was "
+                    f"killed, or its node was lost); ending the job (a healthy peer arrives within {grace:,.0f} s)"
                 )
         if idle <= self.timeout_s + extra + (self.grace_s if collective else 0.0):
             self._suspect = None

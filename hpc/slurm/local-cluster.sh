@@ -78,15 +78,20 @@ SlurmdLogFile=$state/slurmd.log"
         # Per-node paths (%n: the node's name); TmpFS too, because /tmp is shared here and the
         # PMIx plugin of every node's slurmstepd makes the same spmix_appdir_<job> folder in it.
         # A node that stops answering is down after SlurmdTimeout (SLURM's default 300 s; sites
-        # use 60-300): 10 s here. Detection took 25-27 s with 10 s and with 5 s alike (each ping
-        # round to a dead slurmd lasts up to MessageTimeout, 10 s), and 5 s let a node that was slow
-        # to answer under load (load average 11) be counted as not responding.
+        # use 60-300): 10 s here, since 5 s let a node that was slow to answer under load (load
+        # average 11) be counted as not responding. SLURM downs a node at a ping round once its
+        # last answer is SlurmdTimeout older than the round before; a ping to a dead slurmd
+        # (refused, or unanswered with its link down: measured alike) fails only after
+        # MessageTimeout + 1-3 s, and no round starts before the last one ended. With SLURM's
+        # MessageTimeout of 10 s detection took 25-30 s (two failing rounds of 11-13 s); 5 s here
+        # (RPCs within one machine answer in milliseconds).
         slurmd_files="SlurmdParameters=config_overrides
 SlurmdSpoolDir=$state/d-%n
 SlurmdPidFile=$state/slurmd-%n.pid
 SlurmdLogFile=$state/slurmd-%n.log
 TmpFS=$state/tmp-%n
-SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-10}"
+SlurmdTimeout=${MPIRL_SLURMD_TIMEOUT:-10}
+MessageTimeout=${MPIRL_MESSAGE_TIMEOUT:-5}"
     fi
     cat >"$conf.tmp" <<CONF
 $marker

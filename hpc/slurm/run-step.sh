@@ -63,6 +63,21 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
+# Requeue this job to resume from its checkpoint. SLURM may have requeued it itself already (a
+# node failed: NODE_FAIL with --requeue), and then refuses ("Job is pending execution", while
+# this script still runs in the job's completing state); that is no error.
+requeue() {
+    local out
+    out=$(scontrol requeue "${SLURM_JOB_ID}" 2>&1) && return 0
+    if [[ $out == *"pending execution"* ]] ||
+        scontrol show job -o "${SLURM_JOB_ID}" 2>/dev/null | grep -qE 'JobState=(PENDING|REQUEUE)'; then
+        echo "[mpirl] SLURM has requeued job ${SLURM_JOB_ID} already"
+        return 0
+    fi
+    echo "[mpirl] error: scontrol requeue failed: $out" >&2
+    return 1
+}
+
 "${launch[@]}" &
 step=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for the step itself.
@@ -74,7 +89,7 @@ done
 
 if [ "$stop_requested" = 1 ] && [ "$rc" = 0 ]; then
     echo "[mpirl] checkpoint written; requeueing job ${SLURM_JOB_ID} to resume from it"
-    scontrol requeue "${SLURM_JOB_ID}" || { echo "[mpirl] error: scontrol requeue failed" >&2; exit 1; }
+    requeue || exit 1
     exit 0
 fi
 echo "[mpirl] training step ended with exit code $rc"
@@ -84,7 +99,7 @@ if [ "$rc" != 0 ] && [ "$stop_requested" = 0 ] && [ "${MPIRL_REQUEUE_ON_FAILURE:
     [ -n "$reached" ] && [ "$reached" != "$resumed_from" ]; then
     echo "[mpirl] the step failed after checkpointing ($reached, resumed from ${resumed_from:-nothing});" \
         "requeueing job ${SLURM_JOB_ID} to resume from it"
-    scontrol requeue "${SLURM_JOB_ID}" || { echo "[mpirl] error: scontrol requeue failed" >&2; exit "$rc"; }
+    requeue || exit "$rc"
     exit 0
 fi
 exit "$rc"

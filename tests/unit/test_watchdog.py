@@ -89,20 +89,52 @@ def test_a_rank_in_a_collective_waits_the_grace_then_says_where(heart):
 
 def test_after_a_stop_signal_a_loop_collective_that_waits_long_has_lost_a_peer(heart):
     """SLURM's teardown after a rank died elsewhere: SIGTERM, while this rank waits for the dead
-    one in the gradient allreduce. It ends the job STOP_GRACE_S later (the loop's stretches are
-    short), not at the stall limit."""
+    one in the gradient allreduce. It ends the job once the wait passes STOP_GRACE_S (the loop's
+    stretches are short), not at the stall limit; without a signal it keeps waiting."""
     dog, clock, _ = make(timeout=600.0)
+    with watchdog.waiting("gradient allreduce"):
+        clock.t = 30.0
+        assert dog.check() is None  # no stop signal: a stall is the stall limit's business
     with watchdog.waiting("gradient allreduce"):
         clock.t = 2.0
         watchdog.stop_signalled()
         assert heart.stop_at is not None
         heart.stop_at = heart.since + 2.0  # the signal 2 s into the wait, on the fake clock's time base
-        clock.t = 6.9
-        assert dog.check() is None  # 4.9 s since the signal
-        clock.t = 7.5
+        clock.t = 4.9
+        assert dog.check() is None  # 4.9 s in the collective
+        clock.t = 5.6
         msg = dog.check()
-    assert msg is not None and msg.startswith("mpirl: error: rank 1 was asked to stop and has waited 6 s since")
+    assert msg is not None and msg.startswith("mpirl: error: rank 1 was asked to stop and has waited 6 s in")
     assert "collective 'gradient allreduce'" in msg and "a peer is gone" in msg
+
+
+def test_a_lost_nodes_survivor_ends_at_the_first_check_after_slurms_signal(heart):
+    """A lost node: the survivor has waited in the allreduce since the node died, and SLURM's
+    SIGTERM comes only once it has declared the node down (about 25 s here). No stalled peer can
+    have reached its 600 s limit, so nothing is left to wait for: the next check ends the job."""
+    dog, clock, _ = make(timeout=600.0)
+    with watchdog.waiting("gradient allreduce"):
+        clock.t = 25.0
+        assert dog.check() is None
+        heart.stop_at = heart.since + 25.0
+        clock.t = 25.5
+        msg = dog.check()
+    assert msg is not None and "has waited 26 s in collective 'gradient allreduce'" in msg
+
+
+def test_a_signal_after_a_peer_may_have_named_its_stall_counts_from_the_signal(heart):
+    """--stall-timeout 20: a peer stalled in local work names itself and calls MPI_Abort once it
+    has made no progress for 20 s, and mpirun then SIGTERMs this rank (SIGKILL ~2 s later). This
+    rank has waited as long, so it gives STOP_GRACE_S from the signal: the stalled rank's line is
+    the job's one error, not a second 'peer is gone' beside it."""
+    dog, clock, _ = make(timeout=20.0)
+    with watchdog.waiting("gradient allreduce"):
+        heart.stop_at = heart.since + 16.0  # 16 s + the 5 s grace reach the peer's 20 s limit
+        clock.t = 20.9
+        assert dog.check() is None  # 4.9 s since the signal
+        clock.t = 21.5
+        msg = dog.check()
+    assert msg is not None and "has waited 22 s in collective 'gradient allreduce'" in msg
 
 
 def test_the_stop_grace_grows_with_the_loops_longest_recent_stretch_of_work(heart, monkeypatch):
