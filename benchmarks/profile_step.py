@@ -32,7 +32,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_here = os.path.dirname(os.path.abspath(__file__))
+# The repository first, and not this folder: its minatar.py (the MinAtar benchmark) would shadow
+# the minatar package that mpirl.envs imports for MinAtar games.
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 from mpirl import algo, dist, envs  # noqa: E402
 from mpirl.collector import Collector  # noqa: E402
 from mpirl.config import parse_args  # noqa: E402

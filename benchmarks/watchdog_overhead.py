@@ -25,7 +25,10 @@ import textwrap
 import time
 import timeit
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_here = os.path.dirname(os.path.abspath(__file__))
+# The repository first, and not this folder: its minatar.py (the MinAtar benchmark) would shadow
+# the minatar package that mpirl.envs imports for MinAtar games.
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 import torch  # noqa: E402
 
 from mpirl import collector as collector_module  # noqa: E402
