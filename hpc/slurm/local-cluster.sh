@@ -7,6 +7,8 @@
 #   hpc/slurm/local-cluster.sh start --nodes 2 --link-rate 1gbit
 #   hpc/slurm/local-cluster.sh link-rate 100mbit     # shape the nodes' links; "reset" unshapes
 #   hpc/slurm/local-cluster.sh kill-node mpirl-n2    # crash a node: kill every process on it
+#   hpc/slurm/local-cluster.sh cut-link mpirl-n2     # partition a node (its processes run on);
+#   hpc/slurm/local-cluster.sh mend-link mpirl-n2    # ... and join it again
 #   hpc/slurm/local-cluster.sh status
 #   hpc/slurm/local-cluster.sh stop                  # cancel jobs, stop daemons, remove nodes
 #
@@ -293,6 +295,11 @@ case "$cmd" in
         link_rate "$rate"
         link_status ;;
     kill-node) kill_node "${1:-}" ;;
-    *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE" >&2
+    cut-link | mend-link)
+        node=${1:?usage: $cmd NODE}
+        grep -qxF "$node" <(cluster_nodes) || die "no node $node in this cluster ($(cluster_nodes | tr '\n' ' '))"
+        if [ "$cmd" = cut-link ]; then link_state "$node" down; else link_state "$node" up; fi
+        say "$node's link is $([ "$cmd" = cut-link ] && echo cut || echo up again)" ;;
+    *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE | cut-link NODE | mend-link NODE" >&2
        exit 2 ;;
 esac

@@ -116,6 +116,12 @@ kill_node_procs() {
     return 1
 }
 
+# A node's link down or up: down, what it sends and what is sent to it vanish (no reset, no
+# error), as when its switch port or cable fails; its processes run on, cut off.
+link_state() {  # link_state NODE down|up
+    ip -n "$1" link set eth0 "$2"
+}
+
 network_down() {
     local name uts
     for name in $(existing_nodes); do

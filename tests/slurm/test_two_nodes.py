@@ -144,9 +144,9 @@ def test_preemption_across_nodes_requeues_and_resumes(submit, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["replicas_identical"] is True
 
 
-def _run_until_checkpointed(submit, tmp_path, total: int) -> tuple[str, str]:
-    job, out = submit("train.sbatch", ["--total-env-steps", str(total), "--checkpoint-interval", "2000", *SHORT],
-                      *TWO_NODES)  # fmt: skip
+def _run_until_checkpointed(submit, tmp_path, total: int, *extra: str) -> tuple[str, str]:
+    job, out = submit("train.sbatch", ["--total-env-steps", str(total), "--checkpoint-interval", "2000", *SHORT,
+                                       *extra], *TWO_NODES)  # fmt: skip
     run = tmp_path / "run"
     _wait_progress(run, out, rows=2)
     deadline = time.monotonic() + 120
@@ -156,12 +156,13 @@ def _run_until_checkpointed(submit, tmp_path, total: int) -> tuple[str, str]:
     return job, out
 
 
-def _ends_within(job: str, t0: float, limit_s: float = 30) -> float:
-    """Seconds from t0 until the job no longer runs and nothing of it is left on either node
-    (every process of a node but its slurmd counts); fails past ``limit_s``."""
+def _ends_within(job: str, t0: float, limit_s: float = 30, nodes: tuple[str, ...] = ()) -> float:
+    """Seconds from t0 until the job no longer runs and nothing of it is left on ``nodes`` (both
+    nodes by default; every process of a node but its slurmd counts); fails past ``limit_s``."""
+    nodes = nodes or (N1, N2)
     left: dict[str, list[str]] = {}
     while time.monotonic() - t0 < limit_s:
-        left = {n: _node_procs(n) for n in (N1, N2)}
+        left = {n: _node_procs(n) for n in nodes}
         if job_state(job).get("JobState") != "RUNNING" and not any(left.values()):
             return time.monotonic() - t0
         time.sleep(0.5)
@@ -235,6 +236,47 @@ def test_slurmd_lost_ends_the_job_then_it_resumes(submit, tmp_path):
     assert "mpirl: stop signal received; checkpointing at" in log, log[-3000:]
     assert f"SLURM has requeued job {job} already" in log and "requeue failed" not in log, log[-3000:]
     print(f"job ended {ended_s:.1f}s after {N2}'s slurmd was killed")
+
+
+def _gone_within(node: str, t0: float, limit_s: float, what: str = "") -> float:
+    """Seconds from t0 until no process of ``node`` (but its slurmd) whose command line holds
+    ``what`` is left; fails past ``limit_s``."""
+    while time.monotonic() - t0 < limit_s:
+        if not [p for p in _node_procs(node) if what in p]:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    pytest.fail(f"after {limit_s:.0f}s still running on {node}: {_node_procs(node)}")
+
+
+@pytest.mark.slow
+def test_partitioned_node_ends_the_job_and_its_cut_off_rank_ends_itself(submit, tmp_path):
+    """cut-link: the second node's link goes down (packets vanish, no reset) while its processes
+    run on. SLURM marks the node down and requeues the job, and the first node's rank, which has
+    waited in the allreduce since, ends at SLURM's SIGTERM. The cut-off rank is never signalled: its
+    watchdog ends it at --stall-timeout + the grace (20 + 30 s here), before the link is mended.
+    The step's slurmstepd, which could not report to SLURM meanwhile, ends once the link is back,
+    and SLURM may drain the node ("Kill task failed": that step did not end at its signals within
+    UnkillableStepTimeout), which an admin undoes with State=RESUME; then the job resumes.
+    Slow (about 4 minutes), and the drain is SLURM's own timing: MPIRL_SLOW_TESTS=1 runs it."""
+    total = 150_000
+    job, out = _run_until_checkpointed(submit, tmp_path, total, "--stall-timeout", "20")
+    t0 = time.monotonic()
+    subprocess.run(["bash", CLUSTER, "cut-link", N2], check=True, capture_output=True, timeout=30)
+    try:
+        ended_s = _ends_within(job, t0, limit_s=35, nodes=(N1,))
+        assert node_states().get(N2, "").startswith("down"), node_states()
+        cut_off_s = _gone_within(N2, t0, limit_s=20 + 30 + 15, what="mpirl.train")
+        stranded = {p.split()[0] for p in _node_procs(N2)}  # the old step's slurmstepd
+    finally:
+        subprocess.run(["bash", CLUSTER, "mend-link", N2], check=True, capture_output=True, timeout=30)
+    deadline = time.monotonic() + 180  # the requeued job may start on the node meanwhile: old pids only
+    while stranded & {p.split()[0] for p in _node_procs(N2)}:
+        assert time.monotonic() < deadline, f"still on {N2} 3 minutes after the link came back: {_node_procs(N2)}"
+        time.sleep(1)
+    if "drain" in node_states().get(N2, ""):
+        subprocess.run(["scontrol", "update", f"NodeName={N2}", "State=RESUME"], check=True, timeout=30)
+    _resumes_and_completes(job, out, total)
+    print(f"job ended on {N1} {ended_s:.1f}s after {N2}'s link was cut; its rank on {N2} {cut_off_s:.1f}s after")
 
 
 def test_mpirun_across_nodes_without_ssh(tmp_path):
