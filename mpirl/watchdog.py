@@ -244,13 +244,13 @@ class Watchdog:
             grace = stop_grace(h)
             # The whole wait counts when no stalled peer can have named itself by the signal: its
             # limit is timeout + extra, and it stopped beating at most a stretch (< grace) before
-            # this rank began to wait. Then the signal came from elsewhere (SLURM, once it had
-            # declared a lost node down, ~25 s here) and the peer is missing since; waiting more
-            # only delays the end. Otherwise it counts from the signal: after a stalled peer's
+            # this rank began to wait. Then the signal came from elsewhere (SLURM, once it has
+            # declared a lost node down) and the peer has been missing since; waiting more only
+            # delays the end. Otherwise it counts from the signal: after a stalled peer's
             # MPI_Abort, mpirun sends this rank SIGTERM and SIGKILL ~2 s later, and ending at
             # once would add a second, wrong "peer is gone" error beside the stalled rank's own.
-            named = stop_at - since + grace >= self.timeout_s + extra
-            waited = self.clock() - (max(since, stop_at) if named else since)
+            peer_may_have_named = stop_at - since + grace >= self.timeout_s + extra
+            waited = self.clock() - (max(since, stop_at) if peer_may_have_named else since)
             if waited > grace:
                 return (
                     f"mpirl: error: rank {self.rank} was asked to stop and has waited {self.clock() - since:,.0f} s "
