@@ -250,10 +250,10 @@ class Watchdog:
             # MPI_Abort, mpirun sends this rank SIGTERM and SIGKILL ~2 s later, and ending at
             # once would add a second, wrong "peer is gone" error beside the stalled rank's own.
             peer_may_have_named = stop_at - since + grace >= self.timeout_s + extra
-            waited = self.clock() - (max(since, stop_at) if peer_may_have_named else since)
+            waited = idle - max(0.0, stop_at - since) if peer_may_have_named else idle
             if waited > grace:
                 return (
-                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {self.clock() - since:,.0f} s "
+                    f"mpirl: error: rank {self.rank} was asked to stop and has waited {idle:,.0f} s "
                     f"in collective '{phase}' for a rank that did not arrive: a peer is gone (it failed, was "
                     f"killed, or its node was lost); ending the job (a healthy peer arrives within {grace:,.0f} s)"
                 )

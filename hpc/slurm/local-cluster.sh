@@ -260,9 +260,14 @@ status() {
     if running slurmctld; then sinfo -N; fi
 }
 
+cluster_node() {  # cluster_node NAME: dies unless NAME is a node of this cluster
+    [ -n "$1" ] || die "usage: $cmd NODE"
+    grep -qxF "$1" <(cluster_nodes) || die "no node $1 in this cluster ($(cluster_nodes | tr '\n' ' '))"
+}
+
 kill_node() {
-    local name=${1:?usage: kill-node NODE}
-    grep -qxF "$name" <(cluster_nodes) || die "no node $name in this cluster ($(cluster_nodes | tr '\n' ' '))"
+    local name=$1
+    cluster_node "$name"
     kill_node_procs "$name" || die "processes of $name survived kill -9"
     rm -f "$state/slurmd-$name.pid"
     say "killed every process on $name; 'start --nodes $(cluster_nodes | wc -l)' brings its slurmd back"
@@ -295,11 +300,8 @@ case "$cmd" in
         link_rate "$rate"
         link_status ;;
     kill-node) kill_node "${1:-}" ;;
-    cut-link | mend-link)
-        node=${1:?usage: $cmd NODE}
-        grep -qxF "$node" <(cluster_nodes) || die "no node $node in this cluster ($(cluster_nodes | tr '\n' ' '))"
-        if [ "$cmd" = cut-link ]; then link_state "$node" down; else link_state "$node" up; fi
-        say "$node's link is $([ "$cmd" = cut-link ] && echo cut || echo up again)" ;;
+    cut-link) cluster_node "${1:-}" && link_state "$1" down && say "$1's link is cut" ;;
+    mend-link) cluster_node "${1:-}" && link_state "$1" up && say "$1's link is up again" ;;
     *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE | cut-link NODE | mend-link NODE" >&2
        exit 2 ;;
 esac
