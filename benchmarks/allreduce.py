@@ -1,14 +1,16 @@
-"""Horovod and torch.distributed (Gloo) allreduce against a raw mpi4py Allreduce of the same
-float32 buffers, side by side in one run: mpirl's two CPU backends and their baseline.
+"""Horovod, mpirl's MPI backend and torch.distributed (Gloo) allreduce against a raw mpi4py
+Allreduce of the same float32 buffers, side by side in one run: mpirl's three CPU backends and
+their baseline.
 
     launch/mpirun.sh -np 2 -- python benchmarks/allreduce.py [--json benchmarks/results/allreduce.json] [--quick]
 
 For each size from 1 KiB to 64 MiB, in blocks: raw MPI, Horovod (hvd.init ... hvd.shutdown),
-torch Gloo, raw MPI, Horovod, torch Gloo, ..., raw MPI. Each backend block is compared with the
-mean of the raw blocks around it; the ratio is the median over blocks (min-max shown). Gloo is
-timed as mpirl's torch backend calls it: in place, started asynchronously and waited for
-(``all_reduce(..., async_op=True).wait()``), on a process group whose rendezvous went through
-MPI, as dist_torch does. Times are medians over rounds of
+mpirl's MPI backend, torch Gloo, raw MPI, Horovod, ..., raw MPI. Each backend block is compared
+with the mean of the raw blocks around it; the ratio is the median over blocks (min-max shown).
+The MPI backend is timed through mpirl's own ``MpiBackend`` (a torch tensor's numpy view, its
+communicator, the call a gradient sync makes). Gloo is timed as mpirl's torch backend calls it:
+in place, started asynchronously and waited for (``all_reduce(..., async_op=True).wait()``), on
+a process group whose rendezvous went through MPI, as dist_torch does. Times are medians over rounds of
 per-call times, the slowest rank's. Bandwidth is the algorithm bandwidth, bytes / time.
 Horovod's figure includes what a training step pays: the tensor queue, negotiation over its
 controller, fusion, and the wait in synchronize. It is timed two ways, alternating: in place
@@ -26,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,6 +52,8 @@ def main() -> None:
     import horovod.torch as hvd
     import torch.distributed as tdist
     from mpi4py import MPI
+
+    from mpirl.dist_mpi import MpiBackend
 
     # What mpirl uses with several ranks (mirrors dist.init); HOROVOD_CYCLE_TIME=1 gives Horovod's default.
     os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
@@ -126,33 +131,43 @@ def main() -> None:
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
                              world_size=comm.Get_size())  # fmt: skip
 
-    def time_gloo() -> list[float]:
+    def time_call(call: Callable[[torch.Tensor], object]) -> list[float]:
+        """Per size, the median per-call time of ``call`` on a float32 tensor (the slowest rank's)."""
         out = []
         for nbytes in sizes:
             t = torch.ones(nbytes // 4, dtype=torch.float32)
-            tdist.all_reduce(t, async_op=True).wait()  # warm-up
+            call(t)  # warm-up
             times = []
             for _ in range(args.rounds):
                 t.fill_(1.0)
                 comm.Barrier()
                 t0 = time.perf_counter()
                 for _ in range(iters_for(nbytes)):
-                    tdist.all_reduce(t, op=tdist.ReduceOp.SUM, async_op=True).wait()
+                    call(t)
                 times.append((time.perf_counter() - t0) / iters_for(nbytes))
             out.append(comm.allreduce(statistics.median(times), op=MPI.MAX))
         return out
+
+    mpi_backend = MpiBackend()  # no thread of its own: it can stay up between blocks, as Gloo does
+
+    def time_mpi_backend() -> list[float]:
+        return time_call(lambda t: mpi_backend._sum_(t)())  # the sum and its (empty) wait, as mpirl's sync
+
+    def time_gloo() -> list[float]:
+        return time_call(lambda t: tdist.all_reduce(t, op=tdist.ReduceOp.SUM, async_op=True).wait())
 
     # Blocks alternate raw, Horovod, Gloo, raw, Horovod, Gloo, ..., raw (Horovod started and shut
     # down each time); each backend block is compared with the raw blocks on either side of it,
     # and the ratio reported is the median over blocks: this machine's speed drifts by 2-3x over
     # minutes.
     raw_blocks = [time_mpi()]
-    hvd_blocks, gloo_blocks = [], []
+    hvd_blocks, mpi_blocks, gloo_blocks = [], [], []
     rank, size = comm.Get_rank(), comm.Get_size()
     for _ in range(args.blocks):
         hvd.init()
         hvd_blocks.append(time_hvd())
         hvd.shutdown()
+        mpi_blocks.append(time_mpi_backend())
         gloo_blocks.append(time_gloo())
         raw_blocks.append(time_mpi())
     tdist.destroy_process_group()
@@ -165,8 +180,12 @@ def main() -> None:
         hc = statistics.median(b["copy"][i] for b in hvd_blocks)
         m = statistics.median(raw)
         ratio_gloo = [r / g[i] for r, g in zip(raw, gloo_blocks)]
+        ratio_mpi = [r / b[i] for r, b in zip(raw, mpi_blocks)]
         gl = statistics.median(g[i] for g in gloo_blocks)
         rows.append({"bytes": nbytes, "horovod_s": h, "horovod_copy_s": hc, "mpi4py_s": m, "gloo_s": gl,
+                     "mpi_backend_s": statistics.median(b[i] for b in mpi_blocks),
+                     "ratio_mpi_backend": statistics.median(ratio_mpi), "ratio_mpi_backend_min": min(ratio_mpi),
+                     "ratio_mpi_backend_max": max(ratio_mpi), "mpi_backend_blocks_s": [b[i] for b in mpi_blocks],
                      "ratio_gloo": statistics.median(ratio_gloo), "ratio_gloo_min": min(ratio_gloo),
                      "ratio_gloo_max": max(ratio_gloo), "gloo_blocks_s": [g[i] for g in gloo_blocks],
                      "ratio": statistics.median(ratio), "ratio_min": min(ratio), "ratio_max": max(ratio),
@@ -175,15 +194,19 @@ def main() -> None:
                      "horovod_blocks_s": [b["in_place"][i] for b in hvd_blocks]})  # fmt: skip
     if rank == 0:
         print(f"machine: {machine()}; {size} ranks")
-        print("| size | mpi4py Allreduce (raw) | Horovod in place (mpirl's) | torch Gloo (mpirl's) | "
-              "Horovod vs raw (min-max) | Gloo vs raw (min-max) | Horovod, new tensor, vs raw |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| size | mpi4py Allreduce (raw) | Horovod in place (mpirl's) | mpirl's MPI backend | torch Gloo "
+              "(mpirl's) | Horovod vs raw (min-max) | MPI backend vs raw (min-max) | Gloo vs raw (min-max) | "
+              "Horovod, new tensor, vs raw |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2**20 else f"{r['bytes'] // 2**20} MiB"
             print(f"| {size} | {r['mpi4py_s'] * 1e6:,.0f} µs ({r['mpi4py_MBps']:,.0f} MB/s) | "
                   f"{r['horovod_s'] * 1e6:,.0f} µs ({r['horovod_MBps']:,.0f} MB/s) | "
+                  f"{r['mpi_backend_s'] * 1e6:,.0f} µs ({r['bytes'] / r['mpi_backend_s'] / 1e6:,.0f} MB/s) | "
                   f"{r['gloo_s'] * 1e6:,.0f} µs ({r['bytes'] / r['gloo_s'] / 1e6:,.0f} MB/s) | "
                   f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                  f"{r['ratio_mpi_backend']:.2f}x ({r['ratio_mpi_backend_min']:.2f}-"
+                  f"{r['ratio_mpi_backend_max']:.2f}) | "
                   f"{r['ratio_gloo']:.2f}x ({r['ratio_gloo_min']:.2f}-{r['ratio_gloo_max']:.2f}) | "
                   f"{r['ratio_copy']:.2f}x |")  # fmt: skip
         if args.json:

@@ -29,10 +29,12 @@ VARIANTS: dict[str, tuple[int, dict[str, str], list[str], bool]] = {
     "1 rank": (1, {}, [], False),
     "2 ranks": (2, {}, [], False),  # the default backend (auto) through the local launcher
     "2 ranks, Horovod": (2, {}, ["--backend", "horovod"], False),
+    "2 ranks, MPI backend": (2, {}, ["--backend", "mpi"], False),
     "2 ranks, torch Gloo": (2, {}, ["--backend", "torch"], False),
     # What users type: mpirun -np 2 python -m mpi4py -m mpirl.train, with none of our launcher's
     # flags; mpirl itself picks MPI's wait mode (dist._choose_mpi_wait_mode).
     "2 ranks, Horovod, plain mpirun": (2, {}, ["--backend", "horovod"], True),
+    "2 ranks, MPI backend, plain mpirun": (2, {}, ["--backend", "mpi"], True),
     "2 ranks, torch Gloo, plain mpirun": (2, {}, ["--backend", "torch"], True),
     # Open MPI's busy polling while the ranks fill the cores (what plain mpirun did before mpirl
     # chose the wait mode itself).

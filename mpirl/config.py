@@ -128,9 +128,10 @@ class Config:
     )
     backend: str = _opt(
         "auto",
-        "collectives: horovod (ring-allreduce over MPI/NCCL), torch (torch.distributed: NCCL for CUDA, Gloo for "
-        "CPU; gloo or nccl force one), or auto (Horovod where it can serve the device, else torch)",
-        choices=("auto", "horovod", "torch", "gloo", "nccl"),
+        "collectives: horovod (ring-allreduce over MPI/NCCL), mpi (MPI's own collectives on CPU tensors, no "
+        "background thread), torch (torch.distributed: NCCL for CUDA, Gloo for CPU; gloo or nccl force one), or "
+        "auto (Horovod where it can serve the device, else torch)",
+        choices=("auto", "horovod", "mpi", "torch", "gloo", "nccl"),
     )
     device: str = _opt(
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")

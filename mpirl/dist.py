@@ -1,8 +1,8 @@
 """Everything distributed: launch, backend choice, device pinning, gradient averaging,
 broadcasts, reductions, "rank 0 decides" agreement, point-to-point streaming and abort.
 
-The only module that talks to MPI, Horovod or torch.distributed (through its two backends,
-``dist_horovod`` and ``dist_torch``, which nothing else imports). Every function that issues
+The only module that talks to MPI, Horovod or torch.distributed (through its backends,
+``dist_horovod``, ``dist_mpi`` and ``dist_torch``, which nothing else imports). Every function that issues
 a collective says so in its docstring; every rank must call it, in the same order, with the
 same name. Call sites are tagged ``# HVD:`` (a collective, through whichever backend runs)
 or ``# MPI:`` (point-to-point), so they can be audited at a glance. Each one marks this rank
@@ -12,6 +12,8 @@ Backends (``--backend``):
 
 - ``horovod``: Horovod's ring-allreduce over MPI (NCCL for CUDA tensors where Horovod was
   built with it), DistributedOptimizer's grouped gradient allreduce;
+- ``mpi``: MPI's own collectives on CPU tensors (mpi4py, no background thread), one flat
+  gradient allreduce per update;
 - ``torch``: torch.distributed, NCCL for CUDA tensors and Gloo for CPU tensors (``gloo`` or
   ``nccl`` force one), rendezvous through MPI under mpirun/srun, or torchrun's environment;
 - ``auto``: Horovod where it can serve the device (CPU; CUDA when built with GPU operations),
@@ -38,7 +40,7 @@ import torch
 from mpirl import peers, watchdog
 
 T = TypeVar("T")
-BACKENDS = ("auto", "horovod", "torch", "gloo", "nccl")
+BACKENDS = ("auto", "horovod", "mpi", "torch", "gloo", "nccl")
 
 
 class DistError(ValueError):
@@ -54,7 +56,7 @@ class DistContext:
     local_rank: int  # rank on this node
     local_size: int  # ranks on this node
     device: torch.device
-    backend: str = "none"  # horovod, torch, or none (a world of one)
+    backend: str = "none"  # horovod, mpi, torch, or none (a world of one)
     library: str = ""  # the collective library, e.g. "torch.distributed gloo (2.13.0)"
     note: str = ""  # why auto chose this backend, when it is worth a log line
 
@@ -156,6 +158,11 @@ def _choose_backend(backend: str, cuda: bool, launch: Launch) -> tuple[str, str,
         return "torch", backend, ""
     if backend == "torch":
         return "torch", torch_library, ""
+    if backend == "mpi":
+        if launch.launcher == "torchrun" or cuda:
+            raise DistError("--backend mpi carries CPU tensors under an MPI launcher (mpirun, srun); on CUDA use "
+                            "--backend torch (NCCL) or horovod, under torchrun --backend torch")  # fmt: skip
+        return "mpi", "mpi", ""
     have_hvd = launch.launcher != "torchrun" and dist_horovod.importable()
     if backend == "horovod":
         if launch.launcher == "torchrun":
@@ -195,6 +202,10 @@ def init(device: str = "auto", torch_threads: int = 0, backend: str = "auto") ->
             from mpirl.dist_horovod import HorovodBackend
 
             _B = HorovodBackend(device=torch.device("cuda" if cuda else "cpu"))
+        elif kind == "mpi":
+            from mpirl.dist_mpi import MpiBackend
+
+            _B = MpiBackend()
         else:
             from mpirl.dist_torch import TorchBackend
 

@@ -1,6 +1,6 @@
 """mpirl.dist's Horovod backend: ring-allreduce over MPI (and NCCL for CUDA tensors where
-Horovod was built with it), plus an mpi4py communicator of our own for point-to-point shard
-streaming. Only mpirl.dist imports this module; call mpirl.dist's functions instead.
+Horovod was built with it) for tensors, plus the MPI backend's communicator of our own for
+objects and point-to-point shard streaming. Only mpirl.dist imports this module; call mpirl.dist's functions instead.
 
 Every collective carries a name: Horovod matches requests across ranks by name, so every
 rank must issue the same names in the same order (mpirl's names start with ``mpirl.``).
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_SHARD_TAG = 4242
+from mpirl.dist_mpi import MpiBackend
 
 
 def importable() -> bool:
@@ -41,8 +41,10 @@ def version() -> str:
     return str(horovod.__version__)
 
 
-class HorovodBackend:
-    """The collectives of a Horovod job (see mpirl.dist for what each one promises)."""
+class HorovodBackend(MpiBackend):
+    """The collectives of a Horovod job (see mpirl.dist for what each one promises): Horovod's
+    for tensors, MpiBackend's (on a communicator apart from Horovod's) for objects,
+    point-to-point shard streaming and bounded barriers."""
 
     name = "horovod"
 
@@ -50,7 +52,7 @@ class HorovodBackend:
         # Importing mpi4py initialises MPI with MPI_THREAD_MULTIPLE, which Horovod's background
         # thread needs; hvd.init() below then reuses that MPI.
         import horovod.torch as hvd
-        from mpi4py import MPI
+        from mpi4py import MPI  # noqa: F401  (before hvd.init: see above)
 
         # DQN sends a small gradient (~0.3 MB) every update, so allreduce latency is what counts.
         # Horovod's default 1 ms cycle put a ~1.1 ms floor under every allreduce (raw MPI: 60 us
@@ -60,10 +62,7 @@ class HorovodBackend:
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.05")
         hvd.init()  # HVD: init (collective over the world communicator)
         self.hvd = hvd
-        # Our own communicator for point-to-point shard streaming, apart from Horovod's.
-        self.comm = MPI.COMM_WORLD.Dup()  # MPI: collective
-        self.rank, self.size = hvd.rank(), hvd.size()
-        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        super().__init__()  # MPI: collective; our own communicator, and rank, size, local rank alike
         gpu = "NCCL" if device.type == "cuda" else "MPI"
         self.library = f"Horovod {version()} ({gpu} ring-allreduce)"
 
@@ -91,28 +90,6 @@ class HorovodBackend:
         self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, fp16: bool, passes: int
     ) -> HorovodGradientSync:
         return HorovodGradientSync(self.hvd, optimizer, model, fp16, passes)
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        return list(self.comm.allgather(obj))  # MPI: allgather on our communicator
-
-    def gather_to_root(self, obj: Any) -> list[Any]:
-        out = self.comm.gather(obj, root=0)  # MPI: gather on our communicator
-        return list(out) if out is not None else []
-
-    def send_object(self, dest: int, obj: Any) -> None:
-        self.comm.ssend(obj, dest=dest, tag=_SHARD_TAG)  # MPI: synchronous send: at most one in flight
-
-    def recv_object(self, source: int) -> Any:
-        return self.comm.recv(source=source, tag=_SHARD_TAG)  # MPI: receive
-
-    def barrier_within(self, timeout: float) -> None:
-        """Wait (bounded) until every rank got here."""
-        import time
-
-        req = self.comm.Ibarrier()  # MPI: non-blocking barrier, polled with a deadline
-        deadline = time.monotonic() + timeout
-        while not req.Test() and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 class HorovodGradientSync:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from mpirl.dist_flat import FlatGradientSync
+
 TIMEOUT = _dt.timedelta(minutes=30)  # a collective waits this long for a peer before failing
 
 
@@ -39,6 +41,11 @@ def _root_address(one_node: bool) -> str:
     if one_node:
         return "127.0.0.1"
     return socket.gethostbyname(socket.getfqdn())
+
+
+def _start_allreduce(flat: torch.Tensor) -> Any:
+    """Start an asynchronous SUM allreduce of ``flat`` in place; returns its wait."""
+    return tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True).wait  # TORCH: allreduce starts
 
 
 class TorchBackend:
@@ -141,8 +148,9 @@ class TorchBackend:
 
     def gradient_sync(
         self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, fp16: bool, passes: int
-    ) -> TorchGradientSync:
-        return TorchGradientSync(optimizer, [p for p in model.parameters() if p.requires_grad], fp16, self.size)
+    ) -> FlatGradientSync:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return FlatGradientSync(optimizer, params, fp16, self.size, _start_allreduce)
 
     def destroy(self) -> None:
         if tdist.is_initialized():
@@ -162,45 +170,3 @@ class TorchBackend:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-class TorchGradientSync:
-    """Gradient averaging in one flat buffer, as Horovod's grouped allreduce does: ``start``
-    (after the update's last backward pass) packs every gradient, pre-divided by the world size
-    (and cast to fp16 with ``fp16``: half the bytes), and starts one asynchronous allreduce;
-    ``wait`` completes it and writes the averages back into ``.grad``. Several backward passes
-    accumulate locally in ``.grad`` first, so the average is of their sum (the learner scales each
-    pass by 1/passes)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], fp16: bool, size: int):
-        self.optimizer = optimizer
-        self.params = params
-        self.fp16 = fp16
-        self.size = size
-        self._work: Any = None
-        self._flat: Optional[torch.Tensor] = None
-
-    def start(self) -> None:
-        assert self._work is None, "gradient allreduce started twice"
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.size)
-        if self.fp16:
-            flat = flat.half()
-        self._flat = flat
-        self._work = tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)  # TORCH: allreduce starts
-
-    def wait(self) -> None:
-        assert self._work is not None and self._flat is not None, "wait() without start()"
-        self._work.wait()  # TORCH: the averaged gradients
-        flat = self._flat.float() if self.fp16 else self._flat
-        self._work = self._flat = None
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
-
-    def step(self) -> None:
-        self.optimizer.step()

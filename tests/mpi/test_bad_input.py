@@ -63,13 +63,15 @@ CASES = [
     (["--total-env-steps", "2000", "--learning-starts-per-rank", "1000"], "the run could never update"),
     (["--buffer-size-per-rank", "1000000000"], "--buffer-size-per-rank: the replay needs 43.77 GiB per rank x 2"),
     # backends and devices
-    (["--backend", "mpi"], "--backend must be one of auto, horovod, torch, gloo, nccl"),
+    (["--backend", "mpich"], "--backend must be one of auto, horovod, mpi, torch, gloo, nccl"),
     (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs CUDA tensors"),
     (["--device", "cuda"], "--device cuda asked for, but torch sees no CUDA device"),
     # the same checks on the torch backend, whose ranks agree through Gloo
     (["--backend", "torch", "--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
     (["--backend", "torch", "--resume", "/nonexistent/ckpt.h5"], "checkpoint not found: /nonexistent/ckpt.h5"),
     (["--backend", "torch", "--env", "Pendulum-v1"], "DQN needs a Discrete action space"),
+    # and on the MPI backend, whose ranks agree through MPI's own collectives
+    (["--backend", "mpi", "--expect-world-size", "3"], "this job has 2 rank(s), 3 expected"),
 ]
 
 
@@ -111,19 +113,23 @@ def test_bad_toml_exits_2_on_every_rank(bad_tomls, name, message):
 FAKE_CUDA = os.path.join(os.path.dirname(__file__), "workers", "fake_cuda.py")
 
 
-def test_horovod_without_gpu_operations_refuses_cuda_at_start(tmp_path):
+@pytest.mark.parametrize(
+    "backend, message", [("horovod", "built without GPU operations"), ("mpi", "carries CPU tensors")]
+)
+def test_a_backend_that_cannot_carry_cuda_tensors_refuses_cuda_at_start(tmp_path, backend, message):
     """On a GPU host whose Horovod was built without NCCL (no nvcc), --backend horovod on CUDA
     stops at start on every rank, naming the fix; never Horovod's internal error at the first
-    allreduce. CUDA is faked (torch.cuda reports one device): the refusal comes before any GPU work."""
+    allreduce. The MPI backend (CPU tensors only) does the same. CUDA is faked (torch.cuda
+    reports one device): the refusal comes before any GPU work."""
     run_dir = tmp_path / "r"
-    res = mpirun([FAKE_CUDA, "--device", "cuda", "--backend", "horovod", "--run-dir", str(run_dir)], timeout=90)
+    res = mpirun([FAKE_CUDA, "--device", "cuda", "--backend", backend, "--run-dir", str(run_dir)], timeout=90)
     assert res.returncode == 2, res.output[-3000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mpirl: error:")]
-    assert len(lines) == 2 and all("built without GPU operations" in ln and "--backend torch" in ln for ln in lines)
+    assert len(lines) == 2 and all(message in ln and "--backend torch" in ln for ln in lines)
     assert "ReadyEvent" not in res.output and not run_dir.exists()
 
 
-@pytest.mark.parametrize("backend", ["horovod", "torch"])
+@pytest.mark.parametrize("backend", ["horovod", "mpi", "torch"])
 def test_ranks_started_with_different_options_stop_on_every_rank(tmp_path, backend):
     """An MPMD launch (or a rank given other flags) used to hang or crash in a Horovod shape
     error: the ranks now compare their options first and all stop, naming the ones that differ."""

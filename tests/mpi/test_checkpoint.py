@@ -16,7 +16,7 @@ pytestmark = pytest.mark.mpi
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
         "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
         "--target-update-interval", "20", "--checkpoint-interval", "0"]  # fmt: skip
-BACKENDS = ["horovod", "torch"]  # every proof here runs on both (torch: Gloo on the CPU)
+BACKENDS = ["horovod", "mpi", "torch"]  # every proof here runs on each (torch: Gloo on the CPU)
 
 
 def _train(run_dir, steps, *extra, np=2, timeout=240):

@@ -56,7 +56,7 @@ def _demo(tmp_path, name, source, timeout=60, env=None):
     return res, _by_rank(res)
 
 
-@pytest.mark.parametrize("backend", ["horovod", "torch"])
+@pytest.mark.parametrize("backend", ["horovod", "mpi", "torch"])
 def test_collective_suite_passes_on_both_ranks(backend):
     env = {"MPIRL_COLLECTIVE_TIMEOUT": "60", "MPIRL_TEST_BACKEND": backend}
     res = _mpirun_pytest(["-q", "tests/collective"], cwd=REPO, timeout=180, env=env)

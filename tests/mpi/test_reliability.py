@@ -16,7 +16,7 @@ ENVS = os.path.join(os.path.dirname(__file__), "envs")
 BASE = ["--learning-starts-per-rank", "200", "--hidden-sizes", "32,32", "--eval-interval", "0",
         "--final-eval-episodes", "0", "--log-interval", "800", "--no-tensorboard",
         "--checkpoint-interval", "400"]  # fmt: skip
-BACKENDS = ["horovod", "torch"]  # every proof here runs on both (torch: Gloo on the CPU)
+BACKENDS = ["horovod", "mpi", "torch"]  # every proof here runs on each (torch: Gloo on the CPU)
 
 
 def _fault_env(kind, after=300, rank=1):

@@ -54,8 +54,19 @@ def _reports(tmp_path, overrides, np=2):
             "double_dqn": False,
             "max_grad_norm": 0.5,
         },
+        {"backend": "mpi", "prioritized": True, "dueling": True, "n_step": 1, "tau": 0.05, "target_update_interval": 1},
+        {"backend": "mpi", "fp16_allreduce": True, "backward_passes_per_step": 2, "double_dqn": False},
     ],
-    ids=["default", "per-dueling-soft", "fp16-bpps2", "torch-default", "torch-per-dueling-soft", "torch-fp16-bpps2"],
+    ids=[
+        "default",
+        "per-dueling-soft",
+        "fp16-bpps2",
+        "torch-default",
+        "torch-per-dueling-soft",
+        "torch-fp16-bpps2",
+        "mpi-per-dueling-soft",
+        "mpi-fp16-bpps2",
+    ],
 )
 def test_all_ranks_bitwise_identical_after_k_updates(tmp_path, overrides):
     reports, _ = _reports(tmp_path, overrides)
@@ -72,7 +83,24 @@ def test_all_ranks_bitwise_identical_after_k_updates(tmp_path, overrides):
     assert reports[0]["summary"] == reports[1]["summary"]
 
 
-def test_world_of_three_oversubscribed(tmp_path):
-    reports, _ = _reports(tmp_path, {"total_env_steps": 1200}, np=3)
+def test_backends_train_bitwise_alike(tmp_path):
+    """Horovod, plain MPI and torch (Gloo) average the same gradients to the same bits at two
+    ranks (halving is exact, and a sum of two is the same in either order), so one seed gives one
+    run whichever backend carries it: the backends differ in speed only."""
+    runs = {}
+    for b in ("horovod", "mpi", "torch"):
+        (tmp_path / b).mkdir()
+        runs[b] = _reports(tmp_path / b, {"backend": b})[0]
+    for backend, reports in runs.items():
+        assert len({r["online_sha256"] for r in reports}) == 1, backend
+    assert len({reports[0]["online_sha256"] for reports in runs.values()}) == 1
+    assert len({reports[0]["target_sha256"] for reports in runs.values()}) == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "mpi"])
+def test_world_of_three_oversubscribed(tmp_path, backend):
+    # Three ranks: MPI's allreduce may pick another algorithm than at two; every rank must still
+    # end with the same bits.
+    reports, _ = _reports(tmp_path, {"total_env_steps": 1200, "backend": backend}, np=3)
     assert len({r["online_sha256"] for r in reports}) == 1
     assert reports[0]["summary"]["world_size"] == 3

@@ -100,7 +100,7 @@ def test_cli_run_ends_with_identical_replicas(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
-@pytest.mark.parametrize("backend", ["horovod", "torch"])
+@pytest.mark.parametrize("backend", ["horovod", "mpi", "torch"])
 def test_resume_continues_exactly(tmp_path, backend):
     """A checkpoint holds averaged weights and Adam state, and the averaging schedule restarts at
     each save, so a resumed run continues as the uninterrupted one did (CPU, same world size)."""

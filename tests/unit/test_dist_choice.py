@@ -60,7 +60,16 @@ def test_torch_picks_its_library_by_device_and_nccl_needs_cuda(horovod):
     with pytest.raises(dist.DistError, match="nccl needs CUDA"):
         dist._choose_backend("nccl", False, MPI2)
     with pytest.raises(dist.DistError, match="--backend must be one of"):
-        dist._choose_backend("mpi", False, MPI2)
+        dist._choose_backend("mpich", False, MPI2)
+
+
+def test_mpi_carries_cpu_tensors_under_an_mpi_launcher_only(horovod):
+    horovod(installed=False)  # it needs no Horovod
+    assert dist._choose_backend("mpi", False, MPI2) == ("mpi", "mpi", "")
+    with pytest.raises(dist.DistError, match="--backend mpi carries CPU tensors.*--backend torch"):
+        dist._choose_backend("mpi", True, MPI2)
+    with pytest.raises(dist.DistError, match="--backend mpi carries CPU tensors.*torchrun"):
+        dist._choose_backend("mpi", False, dist.Launch("torchrun", 2, 2))
 
 
 def test_launch_info_reads_mpirun_torchrun_and_nothing(monkeypatch):
