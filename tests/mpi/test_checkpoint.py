@@ -60,6 +60,22 @@ def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path, extra, backend):
         assert a[key] == b[key], f"{key} differs after resume"
 
 
+@pytest.mark.parametrize("first, then", [("horovod", "mpi"), ("mpi", "torch")])
+def test_a_checkpoint_resumes_exactly_on_another_backend(tmp_path, first, then):
+    """The backends average to the same bits and checkpoint the same state, so a run may move
+    between them (a CPU job resumed where Horovod is not installed, say) and still be exact."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(straight, 3200, "--backend", first)
+    _train(split, 1600, "--backend", first)
+    res = _train(split, 3200, "--resume", "auto", "--backend", then)
+    assert "exact resume" in res.stdout
+    a, ca = _contents(_latest(straight))
+    b, cb = _contents(_latest(split))
+    assert ca == cb and sorted(a) == sorted(b)
+    for key in a:
+        assert a[key] == b[key], f"{key} differs after resuming on {then}"
+
+
 class _WritesMarker:
     """Unpickling this creates a file: what a crafted schema-1 env state could do on every rank."""
 

@@ -116,9 +116,10 @@ def test_four_ranks_on_two_nodes_local_ranks_and_transports():
     assert (N1, N1, "vader") in pairs or (N2, N2, "vader") in pairs, out[-4000:]
 
 
-def test_two_node_job_checkpoints_on_rank0_with_identical_replicas(submit, tmp_path):
-    job, out = submit("train.sbatch", ["--total-env-steps", "2000", "--checkpoint-interval", "1000", *SHORT],
-                      *TWO_NODES)  # fmt: skip
+@pytest.mark.parametrize("backend", ["auto", "mpi"])
+def test_two_node_job_checkpoints_on_rank0_with_identical_replicas(submit, tmp_path, backend):
+    job, out = submit("train.sbatch", ["--total-env-steps", "2000", "--checkpoint-interval", "1000", *SHORT,
+                                       "--backend", backend], *TWO_NODES)  # fmt: skip
     st = wait_job(job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300)
     log = read(out)
     assert st["JobState"] == "COMPLETED", log[-3000:]
