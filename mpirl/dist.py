@@ -1,10 +1,10 @@
 """Everything distributed: launch, backend choice, device pinning, gradient averaging,
 broadcasts, reductions, "rank 0 decides" agreement, point-to-point streaming and abort.
 
-The only module that talks to MPI, Horovod or torch.distributed (through its backends,
-``dist_horovod``, ``dist_mpi`` and ``dist_torch``, which nothing else imports). Every function that issues
-a collective says so in its docstring; every rank must call it, in the same order, with the
-same name. Call sites are tagged ``# HVD:`` (a collective, through whichever backend runs)
+The only module that talks to MPI, Horovod or torch.distributed (through its backends
+``dist_horovod``, ``dist_mpi`` and ``dist_torch``, which nothing else imports). Every function
+that issues a collective says so in its docstring; every rank must call it, in the same order,
+with the same name. Call sites are tagged ``# HVD:`` (a collective, through whichever backend runs)
 or ``# MPI:`` (point-to-point), so they can be audited at a glance. Each one marks this rank
 as waiting under its name for the stall watchdog (``mpirl.watchdog.waiting``).
 

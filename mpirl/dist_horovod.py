@@ -1,6 +1,7 @@
 """mpirl.dist's Horovod backend: ring-allreduce over MPI (and NCCL for CUDA tensors where
 Horovod was built with it) for tensors, plus the MPI backend's communicator of our own for
-objects and point-to-point shard streaming. Only mpirl.dist imports this module; call mpirl.dist's functions instead.
+objects and point-to-point shard streaming. Only mpirl.dist imports this module; call
+mpirl.dist's functions instead.
 
 Every collective carries a name: Horovod matches requests across ranks by name, so every
 rank must issue the same names in the same order (mpirl's names start with ``mpirl.``).

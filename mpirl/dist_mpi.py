@@ -80,7 +80,7 @@ class MpiBackend:
     def _buffer(self, t: torch.Tensor) -> Any:
         """An MPI buffer over ``t``'s own memory (contiguous, on the CPU)."""
         if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"--backend mpi carries contiguous CPU tensors only, got one on {t.device}")
+            raise ValueError(f"--backend mpi carries contiguous CPU tensors only, got {t.device}, {t.stride()}")
         if t.dtype == torch.float16:
             return [t.view(torch.int16).numpy(), self.MPI.INT16_T]
         return t.view(torch.uint8).numpy() if t.dtype == torch.bool else t.numpy()
@@ -109,7 +109,7 @@ class MpiBackend:
         """SUM-allreduce ``flat`` in place, now; returns a wait with nothing left to wait for.
 
         Blocking on purpose: Open MPI's non-blocking MPI_Iallreduce runs other algorithms than
-        its tuned blocking one, 1.5x slower from 256 KiB up here (BENCHMARKS.md), and it moves
+        its tuned blocking one, 1.4-1.6x slower from 64 KiB up here (BENCHMARKS.md), and it moves
         data only inside MPI calls, which the env step between start and wait does not make;
         so overlapping it with the env step would gain nothing and lose bandwidth."""
         op = self.MPI.SUM
