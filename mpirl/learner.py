@@ -141,7 +141,10 @@ class Learner:
                 buffer.update_priorities(b.indices, td.cpu().numpy())
             total_loss += loss.detach()
         if self.grad_sync is not None:
-            self.grad_sync.start()  # HVD (K = 1): the gradient allreduce starts (torch; Horovod's hooks did)
+            # Marked as waiting: the MPI backend's allreduce runs here, blocking, and a rank held
+            # up by a stalled peer must not name itself (torch only starts it; Horovod's hooks did).
+            with watchdog.waiting("gradient allreduce"):
+                self.grad_sync.start()  # HVD (K = 1): the gradient allreduce (starts)
         self._pending = total_loss / passes
 
     def finish(self) -> torch.Tensor:
