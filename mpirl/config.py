@@ -75,7 +75,9 @@ class Config:
     target_return: Optional[float] = _opt(
         None, "return that counts as solved; default (or 'auto'): the env's reward_threshold, 475 for CartPole-v1"
     )
-    early_stop: bool = _opt(True, "stop once a periodic evaluation's mean return reaches target_return")
+    early_stop: bool = _opt(
+        True, "stop once a periodic evaluation's mean return reaches target_return and the final evaluation confirms it"
+    )
     final_eval_episodes: int = _opt(20, "episodes of the greedy evaluation that ends the run; 0 skips it")
 
     # --- replay ----------------------------------------------------------------------

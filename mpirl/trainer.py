@@ -67,7 +67,8 @@ class RunState:
     counters: Counters
     loss_sum: torch.Tensor  # this rank's losses since the last progress line (on the device)
     loss_n: int = 0
-    stopped_early: bool = False  # a periodic evaluation reached the target return
+    stopped_early: bool = False  # a periodic evaluation reached the target return (and the final one did)
+    final_eval: Optional[tuple[float, float]] = None  # (mean, std) of the final evaluation, run by an early stop
     preempted: bool = False  # a stop signal was agreed
     last_ckpt_step: int = 0  # global env steps of the latest checkpoint attempt
     last_ckpt_error: str = ""  # the latest save's error ("" if it worked)
@@ -363,10 +364,32 @@ def _periodic_eval(run: Run) -> bool:
         f"over {cfg.eval_episodes} episodes"
     )
     if cfg.early_stop and run.target_return is not None and mean >= run.target_return:
-        run.state.stopped_early = True
-        run.log(f"mpirl: evaluation reached the target return {run.target_return:g}; stopping")
-        return True
+        return _confirm_early_stop(run, run.target_return)
     return False
+
+
+def _confirm_early_stop(run: Run, target: float) -> bool:
+    """Collective: a periodic evaluation reached ``target``; stop only when the final evaluation
+    (its own episodes and seeds) reaches it too, so that no run stops on one lucky evaluation and
+    then ends unsolved (CartPole seed 2 did: 475+, then 457). The weights do not change after a
+    stop, so the summary reuses this result."""
+    cfg = run.cfg
+    if cfg.final_eval_episodes > 0:
+        mean, std = _final_eval(run)  # HVD: evaluation sums
+        if mean < target:
+            run.log(f"mpirl: evaluation reached the target return {target:g}, but the final evaluation gave "
+                    f"{mean:.1f} over {cfg.final_eval_episodes} episodes; training goes on")  # fmt: skip
+            return False
+        run.state.final_eval = (mean, std)
+    run.state.stopped_early = True
+    run.log(f"mpirl: evaluation reached the target return {target:g}; stopping")
+    return True
+
+
+def _final_eval(run: Run) -> tuple[float, float]:
+    """Collective: the final greedy evaluation, (mean, std): always the same episodes and seeds."""
+    mean, std, _ = _evaluate_global(run, run.cfg.final_eval_episodes, run.cfg.seed + 2_000_000, "mpirl.final_eval")
+    return mean, std
 
 
 def _evaluate_global(run: Run, episodes: int, seed_base: int, name: str) -> tuple[float, float, float]:
@@ -391,7 +414,7 @@ def _summarise(run: Run, wall: float) -> Summary:
     cfg, ctx, st, learner = run.cfg, run.ctx, run.state, run.learner
     f_mean = f_std = float("nan")
     if cfg.final_eval_episodes > 0 and not st.preempted:
-        f_mean, f_std, _ = _evaluate_global(run, cfg.final_eval_episodes, cfg.seed + 2_000_000, "mpirl.final_eval")
+        f_mean, f_std = st.final_eval or _final_eval(run)  # HVD (unless an early stop ran it already)
     local_episodes = np.array([run.collector.stats.episodes])
     episodes = int(dist.allreduce_sum(local_episodes, name="mpirl.episodes")[0])  # HVD
     _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time
