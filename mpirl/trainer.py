@@ -35,6 +35,7 @@ from mpirl import (
     dist,
     dryrun,
     envs,
+    greedy_eval,
     jobcheck,
     model,
     preemption,
@@ -232,7 +233,7 @@ def _train_loop(run: Run, stop: preemption.StopFlag) -> None:
         if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.log_interval) or last:
             _log_progress(run, epsilon)  # HVD: one allreduce of the window's sums
         if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.eval_interval) and run.warmed_up():
-            if _periodic_eval(run):  # HVD: evaluation sums; the same mean on every rank
+            if greedy_eval.periodic(run):  # HVD: evaluation sums; the same mean on every rank
                 break
         if algo.crossed(c.global_env_steps, c.steps_per_iter, cfg.checkpoint_interval) and not last:
             _save_checkpoint(run)  # HVD + MPI
@@ -347,74 +348,12 @@ def _log_progress(run: Run, epsilon: float) -> None:
     )
 
 
-def _periodic_eval(run: Run) -> bool:
-    """Collective: a greedy evaluation during training; True when it reached the target
-    return and --early-stop is on (the same mean on every rank, so every rank stops alike)."""
-    cfg, c = run.cfg, run.state.counters
-    seed_base = cfg.seed + 1_000_000 + c.eval_round * cfg.eval_episodes
-    mean, std, lo = _evaluate_global(run, cfg.eval_episodes, seed_base, name="mpirl.eval")  # HVD
-    c.eval_round += 1
-    c.last_eval = mean
-    if run.writer is not None:
-        run.writer.write("eval", {"global_env_steps": c.global_env_steps, "updates": run.learner.updates,
-                                  "eval_mean_return": mean, "eval_std_return": std, "eval_min_return": lo,
-                                  "wall_time_s": time.perf_counter() - run.state.t_start})  # fmt: skip
-    run.log(
-        f"eval  {c.global_env_steps:>9,} | greedy return {mean:.1f} ± {std:.1f} (min {lo:.1f}) "
-        f"over {cfg.eval_episodes} episodes"
-    )
-    if cfg.early_stop and run.target_return is not None and mean >= run.target_return:
-        return _confirm_early_stop(run, run.target_return)
-    return False
-
-
-def _confirm_early_stop(run: Run, target: float) -> bool:
-    """Collective: a periodic evaluation reached ``target``; stop only when the final evaluation
-    (its own episodes and seeds) reaches it too, so that no run stops on one lucky evaluation and
-    then ends unsolved (CartPole seed 2 did: 475+, then 457). The weights do not change after a
-    stop, so the summary reuses this result."""
-    cfg = run.cfg
-    if cfg.final_eval_episodes > 0:
-        mean, std = _final_eval(run)  # HVD: evaluation sums
-        if mean < target:
-            run.log(f"mpirl: evaluation reached the target return {target:g}, but the final evaluation gave "
-                    f"{mean:.1f} over {cfg.final_eval_episodes} episodes; training goes on")  # fmt: skip
-            return False
-        run.state.final_eval = (mean, std)
-    run.state.stopped_early = True
-    run.log(f"mpirl: evaluation reached the target return {target:g}; stopping")
-    return True
-
-
-def _final_eval(run: Run) -> tuple[float, float]:
-    """Collective: the final greedy evaluation, (mean, std): always the same episodes and seeds."""
-    mean, std, _ = _evaluate_global(run, run.cfg.final_eval_episodes, run.cfg.seed + 2_000_000, "mpirl.final_eval")
-    return mean, std
-
-
-def _evaluate_global(run: Run, episodes: int, seed_base: int, name: str) -> tuple[float, float, float]:
-    """Collective: ``episodes`` greedy episodes split over ranks (episode i on rank i % size);
-    returns the global (mean, std, min) return (game scores), identical on every rank."""
-    run.learner.sync_replicas()  # HVD (local SGD): evaluate the averaged weights, the ones a checkpoint saves
-    ctx = run.ctx
-    mine = [seed_base + i for i in range(ctx.rank, episodes, ctx.size)]
-    policy = watchdog.beating("evaluation", run.learner.greedy)  # a heartbeat per env step
-    rets = np.asarray(envs.evaluate(policy, run.cfg.env_id, mine, atari=envs.atari_options(run.cfg)), dtype=np.float64)
-    local_min = rets.min() if len(rets) else np.inf
-    s = dist.allreduce_sum(np.array([rets.sum(), (rets**2).sum(), len(rets)]), name=name)  # HVD: allreduce
-    lo, _ = dist.allreduce_min_max(float(local_min), name=name + ".min")  # HVD: allreduce
-    n = max(s[2], 1.0)
-    mean = s[0] / n
-    std = math.sqrt(max(s[1] / n - mean**2, 0.0))
-    return float(mean), float(std), float(lo)
-
-
 def _summarise(run: Run, wall: float) -> Summary:
     """Collective: the final greedy evaluation and the run's global figures."""
     cfg, ctx, st, learner = run.cfg, run.ctx, run.state, run.learner
     f_mean = f_std = float("nan")
     if cfg.final_eval_episodes > 0 and not st.preempted:
-        f_mean, f_std = st.final_eval or _final_eval(run)  # HVD (unless an early stop ran it already)
+        f_mean, f_std = st.final_eval or greedy_eval.final(run)  # HVD (unless an early stop ran it already)
     local_episodes = np.array([run.collector.stats.episodes])
     episodes = int(dist.allreduce_sum(local_episodes, name="mpirl.episodes")[0])  # HVD
     _, wall = dist.allreduce_min_max(wall, name="mpirl.wall_time")  # HVD: the slowest rank's time

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpirl import config, trainer
+from mpirl import config, greedy_eval, trainer
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def scripted_evals(monkeypatch):
             calls.append((name, mean))
             return mean, 1.0, mean - 2.0
 
-        monkeypatch.setattr(trainer, "_evaluate_global", fake)
+        monkeypatch.setattr(greedy_eval, "evaluate_global", fake)
         return calls
 
     return use
