@@ -9,14 +9,21 @@
 #
 # Steps (each with its own timeout; a failed step is reported and the others still run):
 #   a. 1 rank on CUDA solves CartPole-v1 with default options.
-#   b. Pong at 1 rank on the GPU: acting and training frames/s, updates/s, GPU busy share, and
-#      the share of an iteration spent in env, replay sample, host-to-device copy, update and
-#      allreduce (benchmarks/profile_step.py).
+#   b. Pong at 1 rank on the GPU, stepped by gymnasium (b_pong) and by EnvPool (b_pong_envpool):
+#      acting and training frames/s, updates/s, GPU busy share, and the share of an iteration
+#      spent in env, replay sample, host-to-device copy, update and allreduce
+#      (benchmarks/profile_step.py).
 #   c. 2 ranks share the one GPU through torch.distributed Gloo (NCCL refuses two ranks on one
 #      GPU), started with torchrun (the machine has no MPI runtime): replicas bitwise identical.
 #   d. A checkpoint written on CUDA resumes on the CPU, and one written on the CPU on CUDA.
 # Then benchmarks/device_summary.py writes $OUT/device_check.json and prints a table for
-# BENCHMARKS.md.
+# BENCHMARKS.md ($OUT/device_check.txt); every log, step result and run summary (not the
+# checkpoints) goes into $OUT/device_check_logs.tar.gz. Three files, since the device tool
+# brings back at most eight. The steps work in a scratch folder outside $OUT.
+#
+# The whole check keeps to DEVICE_CHECK_BUDGET_S seconds (default 420, inside the device tool's
+# 10-minute command limit): each step's timeout is cut to what is left, and a step with under
+# 15 s left is skipped (exit 124), so a slow step costs the later ones, never the results.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -24,11 +31,14 @@ dry=0
 [ "${1:-}" = --dry ] && dry=1
 out=${OUT:-$repo/runs/device-check}
 mkdir -p "$out"
+work=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")
+budget=${DEVICE_CHECK_BUDGET_S:-420}
 
 # Wheels carried from device_prepare.sh (the device has no network), installed out of the way.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$dry" = 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
         echo "device_check: warning: carried wheels did not install" >&2
+    for t in .whl/*.tar.gz; do [ -e "$t" ] && tar -C /tmp/site -xzf "$t"; done  # EnvPool, slimmed
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -53,40 +63,54 @@ else
 fi
 quiet=(--no-tensorboard --log-interval 100000)
 status=0
-step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.log, remember the exit code
+reserve=20  # seconds kept for the summary and the packing at the end
+step() {  # step NAME TIMEOUT CMD...: run within the budget, log to $work/NAME.log, keep the exit code
     local name=$1 limit=$2
     shift 2
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >"$out/$name.rc.json"
+    local t0=$SECONDS left=$((budget - reserve - SECONDS)) rc
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 15 ]; then
+        rc=124
+        echo "skipped: the check's budget of $budget s was spent" >"$work/$name.log"
+    else
+        timeout "$limit" "$@" >"$work/$name.log" 2>&1
+        rc=$?
+    fi
+    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >"$work/$name.rc.json"
     echo "device_check: $name: exit $rc in $((SECONDS - t0)) s"
-    [ "$rc" = 0 ] || { status=1; tail -5 "$out/$name.log"; }
+    [ "$rc" = 0 ] || { status=1; tail -5 "$work/$name.log"; }
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU (dry run)"; } \
-    >"$out/gpu.txt"
+    >"$work/gpu.txt"
 "$py" -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.is_available())' \
-    >"$out/versions.txt" 2>&1
+    >"$work/versions.txt" 2>&1
 
-rm -rf "$out/a_cartpole" "$out/c_shared" "$out/d_cuda_to_cpu" "$out/d_cpu_to_cuda"
-step a_cartpole 240 "$py" -m mpirl.train --device "$dev" --seed 1 --run-dir "$out/a_cartpole" "${quiet[@]}" "${a_args[@]}"
-step b_pong 240 "$py" benchmarks/profile_step.py --config configs/atari-dqn.toml --env ALE/Pong-v5 --device "$dev" \
-    --iterations "$b_iters" --json "$out/b_pong.json"
-step c_shared_gpu 180 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 -m mpirl.train \
+step a_cartpole 150 "$py" -m mpirl.train --device "$dev" --seed 1 --run-dir "$work/a_cartpole" "${quiet[@]}" "${a_args[@]}"
+for eb in gymnasium envpool; do  # the same profile on each env backend (EnvPool where it imports)
+    name=b_pong$([ "$eb" = envpool ] && echo _envpool)
+    step "$name" 90 "$py" benchmarks/profile_step.py --config configs/atari-dqn.toml --env ALE/Pong-v5 \
+        --env-backend "$eb" --device "$dev" --iterations "$b_iters" --json "$work/$name.json"
+done
+step c_shared_gpu 120 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 -m mpirl.train \
     --backend gloo --device "$dev" --total-env-steps "$c_steps" --learning-starts-per-rank 500 --eval-interval 0 \
-    --final-eval-episodes 2 --run-dir "$out/c_shared" "${quiet[@]}"
+    --final-eval-episodes 2 --run-dir "$work/c_shared" "${quiet[@]}"
 # d: half the steps on one device, the rest resumed on the other (and the reverse).
 other=cpu  # the other device of step d
 short=(--learning-starts-per-rank 500 --eval-interval 0 --final-eval-episodes 2 --checkpoint-interval $((d_steps / 2)))
-step d_cuda_first 120 "$py" -m mpirl.train --device "$dev" --total-env-steps $((d_steps / 2)) \
-    --run-dir "$out/d_cuda_to_cpu" "${short[@]}" "${quiet[@]}"
-step d_then_cpu 120 "$py" -m mpirl.train --device "$other" --total-env-steps "$d_steps" --resume auto \
-    --run-dir "$out/d_cuda_to_cpu" "${short[@]}" "${quiet[@]}"
-step d_cpu_first 120 "$py" -m mpirl.train --device "$other" --total-env-steps $((d_steps / 2)) \
-    --run-dir "$out/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
-step d_then_cuda 120 "$py" -m mpirl.train --device "$dev" --total-env-steps "$d_steps" --resume auto \
-    --run-dir "$out/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
+step d_cuda_first 60 "$py" -m mpirl.train --device "$dev" --total-env-steps $((d_steps / 2)) \
+    --run-dir "$work/d_cuda_to_cpu" "${short[@]}" "${quiet[@]}"
+step d_then_cpu 60 "$py" -m mpirl.train --device "$other" --total-env-steps "$d_steps" --resume auto \
+    --run-dir "$work/d_cuda_to_cpu" "${short[@]}" "${quiet[@]}"
+step d_cpu_first 60 "$py" -m mpirl.train --device "$other" --total-env-steps $((d_steps / 2)) \
+    --run-dir "$work/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
+step d_then_cuda 60 "$py" -m mpirl.train --device "$dev" --total-env-steps "$d_steps" --resume auto \
+    --run-dir "$work/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
 
-"$py" benchmarks/device_summary.py "$out" $([ "$dry" = 1 ] && echo --dry) || status=1
+"$py" benchmarks/device_summary.py "$work" $([ "$dry" = 1 ] && echo --dry) | tee "$out/device_check.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+cp "$work/device_check.json" "$out/" 2>/dev/null || status=1
+(cd "$work" && find . -type f ! -name '*.h5' ! -path '*/tensorboard/*' -print0 |
+    tar --null -czf "$out/device_check_logs.tar.gz" -T -) || status=1
+rm -rf "$work"
 exit "$status"

@@ -16,7 +16,16 @@ import os
 import sys
 from typing import Any, Optional
 
-STEPS = ("a_cartpole", "b_pong", "c_shared_gpu", "d_cuda_first", "d_then_cpu", "d_cpu_first", "d_then_cuda")
+STEPS = (
+    "a_cartpole",
+    "b_pong",
+    "b_pong_envpool",
+    "c_shared_gpu",
+    "d_cuda_first",
+    "d_then_cpu",
+    "d_cpu_first",
+    "d_then_cuda",
+)
 
 
 def _read(path: str) -> Optional[Any]:
@@ -44,12 +53,15 @@ def main() -> int:
     steps = {r["step"]: r for r in (_read(p) for p in sorted(glob.glob(os.path.join(out, "*.rc.json")))) if r}
     a = _read(os.path.join(out, "a_cartpole", "summary.json")) or {}
     b = _read(os.path.join(out, "b_pong.json")) or {}
+    b_envpool = _read(os.path.join(out, "b_pong_envpool.json")) or {}
     c = _read(os.path.join(out, "c_shared", "summary.json")) or {}
     resumed = {name: "mpirl: resumed from" in _text(os.path.join(out, f"{name}.log"))
                for name in ("d_then_cpu", "d_then_cuda")}  # fmt: skip
     checks = {
         "all steps exited 0": all(r["rc"] == 0 for r in steps.values()) and len(steps) == len(STEPS),
         "a: CartPole solved on one rank": bool(a.get("solved")) or args.dry,
+        "b: Pong profiled on gymnasium and on EnvPool": (b.get("env_backend"), b_envpool.get("env_backend"))
+        == ("gymnasium", "envpool"),
         "c: 2 ranks on one GPU, replicas identical": bool(c.get("replicas_identical")) and c.get("world_size") == 2,
         "d: checkpoints resume across devices": all(resumed.values()),
     }
@@ -63,6 +75,7 @@ def main() -> int:
             k: a.get(k) for k in ("solved", "final_eval_mean", "global_env_steps", "updates", "wall_time_s")
         },
         "b_pong": b,
+        "b_pong_envpool": b_envpool,
         "c_shared_gpu": {k: c.get(k) for k in ("world_size", "replicas_identical", "updates", "wall_time_s")},
         "d_resumed": resumed,
         "checks": checks,
@@ -79,12 +92,14 @@ def main() -> int:
             f"{a.get('global_env_steps'):,} env steps, {a.get('updates'):,} updates "
             f"in {a.get('wall_time_s', 0):.1f} s |"
         )
-    if b:
-        share = ", ".join(f"{k} {v:.0%}" for k, v in b.get("share", {}).items())
-        busy = b.get("gpu_busy_percent")
+    for p in (b, b_envpool):
+        if not p:
+            continue
+        share = ", ".join(f"{k} {v:.0%}" for k, v in p.get("share", {}).items())
+        busy = p.get("gpu_busy_percent")
         print(
-            f"| b | Pong, 1 rank | acting {b['acting_frames_per_s']:,.0f} frames/s; training "
-            f"{b['training_frames_per_s']:,.0f} frames/s, {b['updates_per_s']:,.0f} updates/s; GPU busy "
+            f"| b | Pong, 1 rank, {p.get('env_backend')} | acting {p['acting_frames_per_s']:,.0f} frames/s; training "
+            f"{p['training_frames_per_s']:,.0f} frames/s, {p['updates_per_s']:,.0f} updates/s; GPU busy "
             f"{'n/a' if busy is None else f'{busy:.0f}%'}; iteration: {share} |"
         )
     if c:
