@@ -13,6 +13,9 @@
 #      acting and training frames/s, updates/s, GPU busy share, and the share of an iteration
 #      spent in env, replay sample, host-to-device copy, update and allreduce
 #      (benchmarks/profile_step.py).
+#   e. (run after b) the host side of that iteration on CUDA: the iteration at 16, 4 and 1 torch
+#      threads, one sync, one tiny launch, a batch's copy three ways, the greedy forward, and
+#      the profiler's top operators (benchmarks/gpu_overhead.py), since b found the GPU idle.
 #   c. 2 ranks share the one GPU through torch.distributed Gloo (NCCL refuses two ranks on one
 #      GPU), started with torchrun (the machine has no MPI runtime): replicas bitwise identical.
 #   d. A checkpoint written on CUDA resumes on the CPU, and one written on the CPU on CUDA.
@@ -52,12 +55,14 @@ if [ "$dry" = 1 ]; then
     a_args=(--total-env-steps 3000 --learning-starts-per-rank 500 --eval-interval 1500 --eval-episodes 2
             --final-eval-episodes 2)
     b_iters=20
+    e_iters=5
     c_steps=2000
     d_steps=1200
 else
     dev=cuda
     a_args=()
     b_iters=400
+    e_iters=100
     c_steps=30000
     d_steps=6000
 fi
@@ -92,6 +97,8 @@ for eb in gymnasium envpool; do  # the same profile on each env backend (EnvPool
     step "$name" 90 "$py" benchmarks/profile_step.py --config configs/atari-dqn.toml --env ALE/Pong-v5 \
         --env-backend "$eb" --device "$dev" --iterations "$b_iters" --json "$work/$name.json"
 done
+step e_overhead 90 "$py" benchmarks/gpu_overhead.py --config configs/atari-dqn.toml --env ALE/Pong-v5 \
+    --env-backend envpool --device "$dev" --iterations "$e_iters" --json "$work/e_overhead.json"
 step c_shared_gpu 120 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 -m mpirl.train \
     --backend gloo --device "$dev" --total-env-steps "$c_steps" --learning-starts-per-rank 500 --eval-interval 0 \
     --final-eval-episodes 2 --run-dir "$work/c_shared" "${quiet[@]}"

@@ -20,6 +20,7 @@ STEPS = (
     "a_cartpole",
     "b_pong",
     "b_pong_envpool",
+    "e_overhead",
     "c_shared_gpu",
     "d_cuda_first",
     "d_then_cpu",
@@ -54,6 +55,7 @@ def main() -> int:
     a = _read(os.path.join(out, "a_cartpole", "summary.json")) or {}
     b = _read(os.path.join(out, "b_pong.json")) or {}
     b_envpool = _read(os.path.join(out, "b_pong_envpool.json")) or {}
+    e = _read(os.path.join(out, "e_overhead.json")) or {}
     c = _read(os.path.join(out, "c_shared", "summary.json")) or {}
     resumed = {name: "mpirl: resumed from" in _text(os.path.join(out, f"{name}.log"))
                for name in ("d_then_cpu", "d_then_cuda")}  # fmt: skip
@@ -76,6 +78,7 @@ def main() -> int:
         },
         "b_pong": b,
         "b_pong_envpool": b_envpool,
+        "e_overhead": e,
         "c_shared_gpu": {k: c.get(k) for k in ("world_size", "replicas_identical", "updates", "wall_time_s")},
         "d_resumed": resumed,
         "checks": checks,
@@ -102,6 +105,20 @@ def main() -> int:
             f"{p['training_frames_per_s']:,.0f} frames/s, {p['updates_per_s']:,.0f} updates/s; GPU busy "
             f"{'n/a' if busy is None else f'{busy:.0f}%'}; iteration: {share} |"
         )
+    if e:
+        copy = e.get("copy", {})
+        copies = ", ".join(f"{k} {v:.3f} ms" for k, v in copy.items() if k.endswith("_ms")) or "n/a on the CPU"
+        threads = ", ".join(f"{k} threads {v:.1f} ms" for k, v in e.get("iteration_ms_by_torch_threads", {}).items())
+        print(
+            f"| e | Pong iteration's host side, {e.get('env_backend')} | {threads}; sync {e.get('sync_us', 0):.0f} µs, "
+            f"tiny launch {e.get('tiny_kernel_launch_us', 0):.1f} µs, greedy {e.get('greedy_forward_ms', 0):.2f} ms; "
+            f"copies: {copies} |"
+        )
+        for row in e.get("top_host_ops", [])[:8]:
+            print(
+                f"|   | host: {row['op']} | {row['calls_per_iteration']:.0f} calls, "
+                f"{row['ms_per_iteration']:.2f} ms/iteration |"
+            )
     if c:
         print(
             f"| c | 2 ranks, one GPU, Gloo | replicas identical {c.get('replicas_identical')}, "

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -124,23 +124,31 @@ class Phases:
             undo()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=300, help="training iterations per timed phase")
-    ap.add_argument("--json", default="", help="write the results here")
-    args, rest = ap.parse_known_args()
+class Setup(NamedTuple):
+    """A 1-rank learner and collector with a warmed-up replay, as ``mpirl.trainer`` builds them."""
+
+    cfg: Any
+    learner: Learner
+    collector: Collector
+    env_backend: str
+    frames_per_step: int  # emulator frames per env step (4 for ALE games, else 1)
+    warm_steps: int  # env steps per env taken so far (acting, then 20 training iterations)
+    acting_s: float  # seconds the acting-only warm-up took
+
+
+def setup(argv: list[str]) -> Setup:
+    """Build from mpirl's command-line options, fill the replay by acting, then run 20 training
+    iterations (allocation, lazy CUDA init) before anything is timed."""
     # A short profile needs a small replay and warm-up, unless the command line says otherwise.
     for flag, value in (("--learning-starts-per-rank", "256"), ("--buffer-size-per-rank", "20000")):
-        if flag not in rest:
-            rest += [flag, value]
-    cfg = parse_args(rest)
+        if flag not in argv:
+            argv = [*argv, flag, value]
+    cfg = parse_args(argv)
     ctx = dist.init(cfg.device, cfg.torch_threads, cfg.backend)
     info = envs.inspect_env(cfg.env_id, envs.atari_options(cfg))
     env_backend = envs.choose_backend(cfg.env_backend, cfg.env_id, info, envs.atari_options(cfg))
     collector = Collector(cfg, info, ctx.rank, env_backend, dist.cores_per_rank(ctx.local_size))
     learner = Learner(cfg, info.obs_shape, info.n_actions, ctx)
-    dev = ctx.device
-    frames = FRAME_SKIP if info.atari else 1
     E = cfg.num_envs_per_rank
     # Warm-up: acting only, until the replay holds enough for a batch (and for lazy CUDA init).
     warm = max(cfg.learning_starts_per_rank, cfg.batch_size_per_rank) // E + 1
@@ -148,7 +156,20 @@ def main() -> None:
     for _ in range(warm):
         collector.step(learner.greedy, 1.0)
     acting_s = time.perf_counter() - t0
-    _iterate(learner, collector, cfg, 20, warm * E)  # compile/allocate before timing
+    _iterate(learner, collector, cfg, 20, warm * E)
+    frames = FRAME_SKIP if info.atari else 1
+    return Setup(cfg, learner, collector, env_backend, frames, warm + 20, acting_s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=300, help="training iterations per timed phase")
+    ap.add_argument("--json", default="", help="write the results here")
+    args, rest = ap.parse_known_args()
+    cfg, learner, collector, env_backend, frames, warm_steps, acting_s = setup(rest)
+    dev = learner.device
+    E = cfg.num_envs_per_rank
+    warm = warm_steps - 20
     gpu = GpuSampler()
     time.sleep(0.3)
 

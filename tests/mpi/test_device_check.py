@@ -18,13 +18,16 @@ def test_device_check_dry_run_passes_every_step(tmp_path):
     assert res.returncode == 0, res.output[-4000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["dry_run"] and all(report["checks"].values()), report["checks"]
-    assert [s["rc"] for s in report["steps"].values()] == [0] * 8
+    assert [s["rc"] for s in report["steps"].values()] == [0] * 9
     for key, backend in (("b_pong", "gymnasium"), ("b_pong_envpool", "envpool")):
         pong = report[key]
         assert pong["env_backend"] == backend
         assert pong["training_frames_per_s"] > 0 and pong["updates_per_s"] > 0
         assert set(pong["share"]) == {"env", "sample", "host_to_device", "allreduce", "update"}
         assert abs(sum(pong["share"].values()) - 1.0) < 0.01
+    overhead = report["e_overhead"]
+    assert set(overhead["iteration_ms_by_torch_threads"]) >= {"1"} and overhead["top_host_ops"]
+    assert all(v > 0 for v in overhead["iteration_ms_by_torch_threads"].values())
     # What comes back from a device is these three files (its tool brings back at most eight).
     assert sorted(os.listdir(tmp_path)) == ["device_check.json", "device_check.txt", "device_check_logs.tar.gz"]
     assert report["c_shared_gpu"]["world_size"] == 2 and report["c_shared_gpu"]["replicas_identical"]
