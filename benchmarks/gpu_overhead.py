@@ -23,7 +23,6 @@ On the CPU (the device check's dry run) the copies are skipped and the rest stil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from profile_step import _iterate, _sync, setup  # noqa: E402
+from profile_step import _iterate, _sync, report, setup  # noqa: E402
 
 
 def _per_call_ms(fn: Callable[[], Any], device: torch.device, n: int) -> float:
@@ -125,10 +124,7 @@ def main() -> None:
     result["top_host_ops"] = _top_ops(prof, "self_cpu_time_total", 30)
     if cuda:
         result["top_device_ops"] = _top_ops(prof, "self_device_time_total", 30)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+    report(result, args.json)
     collector.close()
 
 

@@ -161,6 +161,14 @@ def setup(argv: list[str]) -> Setup:
     return Setup(cfg, learner, collector, env_backend, frames, warm + 20, acting_s)
 
 
+def report(result: dict[str, Any], path: str) -> None:
+    """Print the results as JSON, and write them to ``path`` unless it is empty."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=300, help="training iterations per timed phase")
@@ -217,10 +225,7 @@ def main() -> None:
         "share": {k: v / probed_s for k, v in parts.items()},
         "ms_per_iteration": {k: v / args.iterations * 1e3 for k, v in parts.items()},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+    report(result, args.json)
     collector.close()
 
 
