@@ -64,6 +64,21 @@ def test_env_module_registers_user_env(tmp_path):
     assert "MyCartPole-v0" in res.stdout
 
 
+def test_auto_without_horovod_trains_on_mpi_and_says_so(tmp_path):
+    """Where Horovod is not installed (hidden here by a package that fails to import), `auto`
+    under mpirun takes the MPI backend, the fastest on CPU tensors after it, with a line saying
+    why; the run trains and finishes."""
+    shim = tmp_path / "nohorovod" / "horovod"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('Horovod hidden by the test')\n")
+    env = {"PYTHONPATH": f"{shim.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = mpirun(["-m", "mpirl.train", *SHORT, "--run-dir", str(tmp_path / "r")], timeout=180, env=env)
+    assert res.returncode == 0, res.output[-3000:]
+    assert "backend auto: Horovod is not available, so collectives go through MPI (mpi4py)" in res.output
+    assert "backend mpi (MPI (" in res.stdout
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["replicas_identical"]
+
+
 @pytest.mark.parametrize(("backend", "expect"), [("auto", "backend horovod (Horovod"), ("horovod", "backend horovod"),
                                                  ("torch", "backend torch (torch.distributed gloo")])  # fmt: skip
 def test_dry_run_prints_each_ranks_device_backend_and_wait_mode(backend, expect):

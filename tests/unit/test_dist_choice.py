@@ -34,9 +34,18 @@ def test_auto_falls_back_to_torch_nccl_on_cuda_and_says_why(horovod):
     kind, lib, note = dist._choose_backend("auto", True, MPI2)
     assert (kind, lib) == ("torch", "nccl") and CPU_HOROVOD in note and "torch.distributed nccl" in note
     horovod(installed=False)
-    assert dist._choose_backend("auto", False, MPI2)[:2] == ("torch", "gloo")
+    assert dist._choose_backend("auto", True, MPI2)[:2] == ("torch", "nccl")
     # torchrun has no MPI for Horovod: torch, whatever is installed.
     horovod(installed=True, gpu=True)
+    assert dist._choose_backend("auto", False, dist.Launch("torchrun", 2, 2))[:2] == ("torch", "gloo")
+
+
+def test_auto_without_horovod_takes_mpi_for_cpu_tensors_under_an_mpi_launcher(horovod):
+    horovod(installed=False)
+    kind, lib, note = dist._choose_backend("auto", False, MPI2)
+    assert (kind, lib) == ("mpi", "mpi") and "Horovod is not available" in note and "MPI (mpi4py)" in note
+    # Not on CUDA (the MPI backend carries CPU tensors), and not without an MPI launcher.
+    assert dist._choose_backend("auto", True, MPI2)[:2] == ("torch", "nccl")
     assert dist._choose_backend("auto", False, dist.Launch("torchrun", 2, 2))[:2] == ("torch", "gloo")
 
 
