@@ -2,6 +2,7 @@
 network, env-step budget, seeds and hyperparameters, on Breakout and SpaceInvaders.
 
     .venv/bin/python benchmarks/minatar.py                  # the comparison: 2 games x 3 seeds x 3 variants
+    .venv/bin/python benchmarks/minatar.py --merge A/minatar.json B/minatar.json   # pool seed sets, table + p
     .venv/bin/python benchmarks/minatar.py --quick          # smoke run: 1 seed, 3k steps, 10 final episodes (~2.5 min)
     .venv/bin/python benchmarks/minatar.py --games MinAtar/Breakout-v1 --seeds 1 2 3 4 5 --budget 300000
 
@@ -17,9 +18,10 @@ every 1,000 env steps, replay 100k from 5,000 steps, eps 1 -> 0.1 over 50k steps
 
 Evaluation, alike for all: greedy episodes every 25,000 env steps (20, seeded as mpirl's trainer
 seeds them), then 30 fresh greedy episodes seeded ``seed + 2,000,000 + i`` give the final return.
-Per variant and game: the final return's mean ± std over seeds, the wall time (process start to
-exit, measured from outside: interpreter and MPI start-up, evaluations and mpirl's checkpoints
-included) and its ratio to SB3's. Variants run interleaved (for each game and seed: sb3, mpirl-1,
+Per variant and game: the final return's mean ± std over seeds, the exact two-sided rank-sum
+(Mann-Whitney U) p-value of its returns against SB3's (is a gap more than seed noise?), the wall
+time (process start to exit, measured from outside: interpreter and MPI start-up, evaluations and
+mpirl's checkpoints included) and its ratio to SB3's. Variants run interleaved (for each game and seed: sb3, mpirl-1,
 mpirl-2) so that the machine's noise hits all alike. Learning curves: one PNG per game
 (``mpirl.plot``: median and min-max band over seeds per variant) from the run directories kept
 under ``<results>/minatar-curves/<game>/<variant>/s<seed>``; figures in ``<results>/minatar.json``.
@@ -38,6 +40,7 @@ Per game and seed about 190-240 s (SB3) + 175-200 s (mpirl-1) + 95-140 s (mpirl-
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -195,21 +198,63 @@ def run_variant(variant: str, env_id: str, seed: int, run_dir: str, args: argpar
     return run_mpirl(ranks, opts, timeout=args.timeout, run_dir=run_dir)
 
 
+def rank_sum_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of the Mann-Whitney U test that ``a`` and ``b`` (final returns over seeds)
+    come from one distribution: exact, by enumerating every split of the pooled midranks (ties
+    kept), so it holds for the few seeds a benchmark affords. Seeds do not pair across libraries
+    (each draws its own random streams), which is why this compares the two sets, not seed by seed."""
+    pooled = sorted(a + b)
+    rank = {v: (pooled.index(v) + 1 + len(pooled) - pooled[::-1].index(v)) / 2 for v in pooled}  # midranks
+    ranks = [rank[v] for v in a + b]
+    expected = len(a) * (len(pooled) + 1) / 2
+    observed = abs(sum(ranks[: len(a)]) - expected)
+    splits = [abs(sum(c) - expected) for c in itertools.combinations(ranks, len(a))]
+    return sum(d >= observed - 1e-9 for d in splits) / len(splits)
+
+
 def summarise(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Per game and variant: final return mean ± std over seeds, median wall time, ratio to SB3."""
+    """Per game and variant: final return mean ± std over seeds, median wall time, ratio to SB3,
+    and the rank-sum test's p-value against SB3's returns."""
     out = []
     for env_id, by_variant in rows.items():
-        sb3_wall = statistics.median(r["total_wall_s"] for r in by_variant["sb3"]) if by_variant.get("sb3") else None
+        sb3 = by_variant.get("sb3") or []
+        sb3_wall = statistics.median(r["total_wall_s"] for r in sb3) if sb3 else None
         for variant, rs in by_variant.items():
             if not rs:
                 continue
             finals = [r["final_eval_mean"] for r in rs]
             wall = statistics.median(r["total_wall_s"] for r in rs)
+            p = rank_sum_p(finals, [r["final_eval_mean"] for r in sb3]) if sb3 and variant != "sb3" else None
             out.append({"env_id": env_id, "variant": variant, "seeds": [r["seed"] for r in rs],
                         "final_return_mean": float(np.mean(finals)), "final_return_std": float(np.std(finals)),
-                        "median_wall_s": wall, "wall_vs_sb3": wall / sb3_wall if sb3_wall else None,
+                        "p_vs_sb3": p, "median_wall_s": wall, "wall_vs_sb3": wall / sb3_wall if sb3_wall else None,
                         "random_return": RANDOM_RETURN.get(env_id), "rows": rs})  # fmt: skip
     return out
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    """The Markdown table of ``summarise``'s results."""
+    print("| game | variant | final greedy return (mean ± std over seeds) | rank-sum p vs SB3 | median wall s "
+          "| wall vs SB3 |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        ratio = "-" if r["wall_vs_sb3"] is None else f"{r['wall_vs_sb3']:.2f}x"
+        p = "-" if r.get("p_vs_sb3") is None else f"{r['p_vs_sb3']:.2f}"
+        print(f"| {r['env_id']} | {r['variant']} | {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} "
+              f"({len(r['seeds'])} seeds) | {p} | {r['median_wall_s']:.1f} | {ratio} |")  # fmt: skip
+
+
+def merge(paths: list[str]) -> None:
+    """Pool the per-seed rows of several earlier results files (one seed set each, say) and
+    print the table over all of them, p-values included."""
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for path in paths:
+        for r in read_json(path)["results"]:
+            rows.setdefault(r["env_id"], {}).setdefault(r["variant"], []).extend(r["rows"])
+    for by_variant in rows.values():  # SB3 first, as the runs order them
+        for variant in sorted(by_variant, key=lambda v: v != "sb3"):
+            by_variant[variant] = by_variant.pop(variant)
+    print_table(summarise(rows))
 
 
 def plot(curves: str, env_id: str, variants: list[str], results_dir: str) -> Optional[str]:
@@ -237,12 +282,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--out", default=None, help="results folder; default: benchmarks/results (--quick: runs/...)")
     ap.add_argument("--json", default=None, help="default: <out>/minatar.json; '' to skip")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table over these results files' seeds")
     ap.add_argument("--sb3-run", nargs=3, metavar=("ENV", "SEED", "RUN_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.budget = args.seeds[:1], args.budget or QUICK_BUDGET
     if not args.budget:
         args.budget = int(config.load_toml(RECIPE)["total_env_steps"])
+    if args.merge:
+        merge(args.merge)
+        return
     if args.sb3_run:
         env_id, seed, run_dir = args.sb3_run
         sb3_run(env_id, int(seed), run_dir, args.budget, args.quick, args.sb3_threads)
@@ -273,12 +322,7 @@ def main() -> None:
                       f"{s['final_eval_std']:.2f}", flush=True)  # fmt: skip
     results = summarise(rows)
     pngs = {g: plot(curves, g, args.variants, results_dir) for g in args.games}
-    print("| game | variant | final greedy return (mean ± std over seeds) | median wall s | wall vs SB3 |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in results:
-        ratio = "-" if r["wall_vs_sb3"] is None else f"{r['wall_vs_sb3']:.2f}x"
-        print(f"| {r['env_id']} | {r['variant']} | {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} "
-              f"({len(r['seeds'])} seeds) | {r['median_wall_s']:.1f} | {ratio} |")  # fmt: skip
+    print_table(results)
     total = time.perf_counter() - t_start
     print(f"total wall time: {total:.0f} s", flush=True)
     json_path = os.path.join(results_dir, "minatar.json") if args.json is None else args.json
