@@ -193,8 +193,10 @@ def run_variant(variant: str, env_id: str, seed: int, run_dir: str, args: argpar
                *(["--quick"] if args.quick else [])]  # fmt: skip
         _, wall = run_timed(cmd, timeout=args.timeout)
         return {**read_json(os.path.join(run_dir, "summary.json")), "total_wall_s": wall}
-    ranks = int(variant.split("-")[1])
-    opts = [*mpirl_args(cfg), "--env", env_id, "--seed", str(seed)]
+    name, *flags = variant.split("+")  # mpirl-2+no-double-dqn+train-every=2: the recipe with those options
+    ranks = int(name.split("-")[1])
+    extra = [part for flag in flags for part in ("--" + flag).split("=", 1)]
+    opts = [*mpirl_args(cfg), "--env", env_id, "--seed", str(seed), *extra]
     return run_mpirl(ranks, opts, timeout=args.timeout, run_dir=run_dir)
 
 
@@ -275,7 +277,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--games", nargs="+", default=GAMES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, help="sb3 and/or mpirl-<ranks>")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, help="sb3, mpirl-<ranks>[+option[=value]...]")
     ap.add_argument("--budget", type=int, default=0, help="global env steps per run; 0: the recipe's")
     ap.add_argument("--sb3-threads", type=int, default=1, help="torch threads of SB3 (mpirl: 1 per rank)")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: seed 1, {QUICK_BUDGET:,} steps, results in runs/")
