@@ -69,7 +69,7 @@ def main() -> None:
     dev = learner.device
     cuda = dev.type == "cuda"
     E, B = cfg.num_envs_per_rank, cfg.batch_size_per_rank
-    step = s.warm_steps * E
+    step = s.steps_taken
 
     def loop_ms() -> float:
         nonlocal step

@@ -253,10 +253,8 @@ def merge(paths: list[str]) -> None:
     for path in paths:
         for r in read_json(path)["results"]:
             rows.setdefault(r["env_id"], {}).setdefault(r["variant"], []).extend(r["rows"])
-    for by_variant in rows.values():  # SB3 first, as the runs order them
-        for variant in sorted(by_variant, key=lambda v: v != "sb3"):
-            by_variant[variant] = by_variant.pop(variant)
-    print_table(summarise(rows))
+    sb3_first = {g: dict(sorted(v.items(), key=lambda kv: kv[0] != "sb3")) for g, v in rows.items()}  # as runs order
+    print_table(summarise(sb3_first))
 
 
 def plot(curves: str, env_id: str, variants: list[str], results_dir: str) -> Optional[str]:

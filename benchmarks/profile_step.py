@@ -124,6 +124,9 @@ class Phases:
             undo()
 
 
+SETTLE = 20  # training iterations run before anything is timed (allocation, lazy CUDA init)
+
+
 class Setup(NamedTuple):
     """A 1-rank learner and collector with a warmed-up replay, as ``mpirl.trainer`` builds them."""
 
@@ -132,13 +135,18 @@ class Setup(NamedTuple):
     collector: Collector
     env_backend: str
     frames_per_step: int  # emulator frames per env step (4 for ALE games, else 1)
-    warm_steps: int  # env steps per env taken so far (acting, then 20 training iterations)
+    acting_iterations: int  # acting-only iterations of the warm-up (then SETTLE training ones)
     acting_s: float  # seconds the acting-only warm-up took
+
+    @property
+    def steps_taken(self) -> int:
+        """Env steps this rank has taken so far (every env, warm-up and settling)."""
+        return (self.acting_iterations + SETTLE) * self.cfg.num_envs_per_rank
 
 
 def setup(argv: list[str]) -> Setup:
     """Build from mpirl's command-line options, fill the replay by acting, then run 20 training
-    iterations (allocation, lazy CUDA init) before anything is timed."""
+    iterations (``SETTLE``) before anything is timed."""
     # A short profile needs a small replay and warm-up, unless the command line says otherwise.
     for flag, value in (("--learning-starts-per-rank", "256"), ("--buffer-size-per-rank", "20000")):
         if flag not in argv:
@@ -156,9 +164,9 @@ def setup(argv: list[str]) -> Setup:
     for _ in range(warm):
         collector.step(learner.greedy, 1.0)
     acting_s = time.perf_counter() - t0
-    _iterate(learner, collector, cfg, 20, warm * E)
+    _iterate(learner, collector, cfg, SETTLE, warm * E)
     frames = FRAME_SKIP if info.atari else 1
-    return Setup(cfg, learner, collector, env_backend, frames, warm + 20, acting_s)
+    return Setup(cfg, learner, collector, env_backend, frames, warm, acting_s)
 
 
 def report(result: dict[str, Any], path: str) -> None:
@@ -174,10 +182,10 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300, help="training iterations per timed phase")
     ap.add_argument("--json", default="", help="write the results here")
     args, rest = ap.parse_known_args()
-    cfg, learner, collector, env_backend, frames, warm_steps, acting_s = setup(rest)
+    s = setup(rest)
+    cfg, learner, collector, env_backend, frames, warm, acting_s = s
     dev = learner.device
     E = cfg.num_envs_per_rank
-    warm = warm_steps - 20
     gpu = GpuSampler()
     time.sleep(0.3)
 
@@ -185,7 +193,7 @@ def main() -> None:
     mark = len(gpu.samples)
     _sync(dev)
     t0 = time.perf_counter()
-    steps = _iterate(learner, collector, cfg, args.iterations, (warm + 20) * E)
+    steps = _iterate(learner, collector, cfg, args.iterations, s.steps_taken)
     _sync(dev)
     plain_s = time.perf_counter() - t0
     busy = gpu.mean_since(mark)
@@ -200,7 +208,7 @@ def main() -> None:
         phases.wrap(learner.grad_sync, "wait", "allreduce")
     _sync(dev)
     t0 = time.perf_counter()
-    _iterate(learner, collector, cfg, args.iterations, (warm + 20) * E + steps)
+    _iterate(learner, collector, cfg, args.iterations, s.steps_taken + steps)
     _sync(dev)
     probed_s = time.perf_counter() - t0
     phases.unwrap()
