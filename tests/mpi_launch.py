@@ -129,6 +129,15 @@ def latest_checkpoint(run_dir):
     return folder / (folder / "latest").read_text().strip()
 
 
+def latest_step(run_dir) -> int:
+    """The global env steps of the checkpoint ``checkpoints/latest`` names, read from the file
+    (its ``global_env_steps`` attribute), not parsed from its name."""
+    import h5py
+
+    with h5py.File(latest_checkpoint(run_dir), "r") as f:
+        return int(f.attrs["global_env_steps"])
+
+
 def checkpoint_datasets(path) -> dict:
     """Every dataset of a checkpoint, read whole, by HDF5 path (for bitwise comparisons)."""
     import h5py

@@ -75,7 +75,7 @@ def wait_job(job: str, until: Callable[[dict[str, str]], bool], timeout: float, 
     pytest.fail(f"job {job} did not get there in {timeout:.0f}s: {job_state(job)}")
 
 
-def release_requeued(job: str, timeout: float = 120) -> None:
+def wait_requeued_pending(job: str, timeout: float = 120) -> None:
     """Wait until a requeued job is pending again. SLURM then holds it for the job credential's
     lifetime (``AuthInfo=cred_expire``, 15 s on the local cluster, 120 s by default) before it
     may start: moving its start time to now made slurmd refuse the relaunch ("Job credential

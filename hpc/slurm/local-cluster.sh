@@ -7,6 +7,7 @@
 #   hpc/slurm/local-cluster.sh start --nodes 2 --link-rate 1gbit
 #   hpc/slurm/local-cluster.sh link-rate 100mbit     # shape the nodes' links; "reset" unshapes
 #   hpc/slurm/local-cluster.sh kill-node mpirl-n2    # crash a node: kill every process on it
+#   hpc/slurm/local-cluster.sh kill-slurmd mpirl-n2  # only its slurmd dies (its job steps run on)
 #   hpc/slurm/local-cluster.sh cut-link mpirl-n2     # partition a node (its processes run on);
 #   hpc/slurm/local-cluster.sh mend-link mpirl-n2    # ... and join it again
 #   hpc/slurm/local-cluster.sh status
@@ -29,7 +30,10 @@ die() { printf '[local-cluster] error: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=nodes.sh
 . "$here/nodes.sh"
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A zombie counts as dead: a killed daemon stays one until this container's init reaps it.
+pid_alive() {
+    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' "/proc/$(cat "$1")/status"
+}
 running() { pid_alive "$state/$1.pid"; }
 # The node names of the running multi-node cluster (empty for the one-node cluster).
 cluster_nodes() { [ -f "$state/nodes" ] && cat "$state/nodes" || true; }
@@ -273,6 +277,17 @@ kill_node() {
     say "killed every process on $name; 'start --nodes $(cluster_nodes | wc -l)' brings its slurmd back"
 }
 
+kill_slurmd() {  # SIGKILL, as a crash: SLURM then marks the node down; 'start' brings it back
+    local name=$1 f
+    cluster_node "$name"
+    f="$state/slurmd-$name.pid"
+    pid_alive "$f" || die "$name has no slurmd running"
+    kill -9 "$(cat "$f")"
+    for _ in $(seq 50); do pid_alive "$f" || break; sleep 0.1; done
+    ! pid_alive "$f" || die "$name's slurmd (pid $(cat "$f")) survived kill -9"
+    say "killed $name's slurmd (pid $(cat "$f")); its job steps run on"
+}
+
 cmd=${1:-}
 [ $# = 0 ] || shift
 nodes=1
@@ -300,8 +315,9 @@ case "$cmd" in
         link_rate "$rate"
         link_status ;;
     kill-node) kill_node "${1:-}" ;;
+    kill-slurmd) kill_slurmd "${1:-}" ;;
     cut-link) cluster_node "${1:-}" && link_state "$1" down && say "$1's link is cut" ;;
     mend-link) cluster_node "${1:-}" && link_state "$1" up && say "$1's link is up again" ;;
-    *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE | cut-link NODE | mend-link NODE" >&2
+    *) echo "usage: $0 start [--nodes N] [--link-rate RATE] | stop | status | link-rate RATE|reset | kill-node NODE | kill-slurmd NODE | cut-link NODE | mend-link NODE" >&2
        exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import kill_job, mpirun, spawn_mpirl
+from mpi_launch import kill_job, latest_step, mpirun, spawn_mpirl
 from mpi_launch import latest_checkpoint as _latest
 
 pytestmark = pytest.mark.mpi
@@ -294,7 +294,7 @@ def test_kill_9_during_checkpointing_leaves_latest_loadable_and_resumable(tmp_pa
         out = subprocess.run([sys.executable, "-m", "mpirl.inspect", str(latest)], capture_output=True, text=True,
                              timeout=60)  # fmt: skip
         assert out.returncode == 0, out.stderr
-    steps = int(h5py.File(_latest(run), "r").attrs["global_env_steps"])
+    steps = latest_step(run)
     res = _train(run, steps + 800, "--resume", "auto")
     assert "exact resume" in res.stdout
     assert json.loads((run / "summary.json").read_text())["global_env_steps"] == steps + 800

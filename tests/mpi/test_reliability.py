@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from mpi_launch import kill_job, mpirun, spawn_mpirl
+from mpi_launch import kill_job, latest_step, mpirun, spawn_mpirl
 
 pytestmark = pytest.mark.mpi
 ENVS = os.path.join(os.path.dirname(__file__), "envs")
@@ -208,7 +208,7 @@ def test_two_jobs_on_one_run_dir_the_second_is_refused_then_takes_over_a_dead_on
     finally:
         kill_job(first)
         first.communicate()
-    latest = int((run / "checkpoints" / "latest").read_text().strip()[len("step-") : -len(".h5")])
+    latest = latest_step(run)
     res = mpirun(["-m", "mpirl.train", *BASE, "--total-env-steps", str(latest + 800), "--run-dir", str(run),
                   "--resume", "auto"], timeout=180)  # fmt: skip
     assert res.returncode == 0 and "resumed from" in res.stdout, res.output[-3000:]

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from slurm_jobs import SHORT, Submitter, read, release_requeued, skip_unless_cluster, wait_job
+from slurm_jobs import SHORT, Submitter, read, skip_unless_cluster, wait_job, wait_requeued_pending
 
 pytestmark = pytest.mark.slurm
 skip_unless_cluster()
@@ -40,7 +40,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(submit, tmp_path):
         time.sleep(1)
     # What SLURM does before a time limit (--signal=B:USR1@...): USR1 to the batch shell.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    release_requeued(job)
+    wait_requeued_pending(job)
     st = wait_job(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1", 600)
     log = read(out)
     assert "USR1 received" in log and "requeueing job" in log, log[-3000:]

@@ -24,9 +24,9 @@ from slurm_jobs import (
     job_state,
     node_states,
     read,
-    release_requeued,
     skip_unless_cluster,
     wait_job,
+    wait_requeued_pending,
 )
 
 pytestmark = pytest.mark.slurm
@@ -136,7 +136,7 @@ def test_preemption_across_nodes_requeues_and_resumes(submit, tmp_path):
     job, out = submit("train.sbatch", ["--total-env-steps", str(total), *SHORT], *TWO_NODES)
     _wait_progress(tmp_path / "run", out, rows=3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    release_requeued(job)
+    wait_requeued_pending(job)
     st = wait_job(job, lambda s: s.get("JobState") == "COMPLETED" and s.get("Restarts") == "1", 300)
     log = read(out)
     assert "USR1 received" in log and "(restart 1)" in log, log[-3000:]
@@ -171,7 +171,7 @@ def _ends_within(job: str, t0: float, limit_s: float = 30, nodes: tuple[str, ...
 
 
 def _resumes_and_completes(job: str, out: str, total: int) -> str:
-    release_requeued(job)
+    wait_requeued_pending(job)
     st = wait_job(job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED") and s.get("Restarts") == "1", 300)
     log = read(out)
     assert st["JobState"] == "COMPLETED" and "(restart 1)" in log, log[-3000:]
@@ -224,11 +224,8 @@ def test_slurmd_lost_ends_the_job_then_it_resumes(submit, tmp_path):
     still when SLURM notices."""
     total = 150_000
     job, out = _run_until_checkpointed(submit, tmp_path, total)
-    pid_file = os.path.join(os.environ.get("MPIRL_SLURM_STATE", "/var/lib/mpirl-slurm"), f"slurmd-{N2}.pid")
-    with open(pid_file) as fh:
-        slurmd = int(fh.read())
     t0 = time.monotonic()
-    os.kill(slurmd, signal.SIGKILL)
+    subprocess.run(["bash", CLUSTER, "kill-slurmd", N2], check=True, capture_output=True, timeout=30)
     ended_s = _ends_within(job, t0, limit_s=35)
     assert node_states().get(N2, "").startswith("down"), node_states()
     subprocess.run(["bash", CLUSTER, "start", "--nodes", str(len(NODES))], check=True, capture_output=True,
