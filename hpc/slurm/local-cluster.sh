@@ -31,10 +31,19 @@ die() { printf '[local-cluster] error: %s\n' "$*" >&2; exit 1; }
 . "$here/nodes.sh"
 
 # A zombie counts as dead: a killed daemon stays one until this container's init reaps it.
+# The file is read once: a daemon such as munged removes its own on exit.
 pid_alive() {
-    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' "/proc/$(cat "$1")/status"
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    kill -0 "$pid" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' "/proc/$pid/status"
 }
 running() { pid_alive "$state/$1.pid"; }
+# wait_gone PIDFILE: up to 5 s for its process to be gone (or a zombie); false if it is not.
+wait_gone() {
+    local _
+    for _ in $(seq 50); do pid_alive "$1" || return 0; sleep 0.1; done
+    ! pid_alive "$1"
+}
 # The node names of the running multi-node cluster (empty for the one-node cluster).
 cluster_nodes() { [ -f "$state/nodes" ] && cat "$state/nodes" || true; }
 
@@ -235,8 +244,7 @@ stop() {
         if pid_alive "$f"; then
             pid=$(cat "$f")
             kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
+            wait_gone "$f" || kill -9 "$pid" 2>/dev/null || true
             say "stopped $d"
         fi
         rm -f "$f"
@@ -283,8 +291,7 @@ kill_slurmd() {  # SIGKILL, as a crash: SLURM then marks the node down; 'start' 
     f="$state/slurmd-$name.pid"
     pid_alive "$f" || die "$name has no slurmd running"
     kill -9 "$(cat "$f")"
-    for _ in $(seq 50); do pid_alive "$f" || break; sleep 0.1; done
-    ! pid_alive "$f" || die "$name's slurmd (pid $(cat "$f")) survived kill -9"
+    wait_gone "$f" || die "$name's slurmd (pid $(cat "$f")) survived kill -9"
     say "killed $name's slurmd (pid $(cat "$f")); its job steps run on"
 }
 
