@@ -286,11 +286,45 @@ def versions() -> dict[str, str]:
 # --- errors and abort -------------------------------------------------------------------------
 
 
+def stderr_taken(timeout: float = 5.0) -> bool:
+    """Wait (bounded, seconds) until the launcher has read all this rank wrote to stderr.
+
+    mpirun and srun forward a rank's stderr through a pipe, and when a rank exits non-zero they
+    end the job, dropping what they have not yet read: under load a peer's error line was lost
+    that way though it had been written before the ranks' barrier. FIONREAD on a pipe counts its
+    unread bytes (Linux, either end). A file or terminal is never behind: True at once; False if
+    the pipe still held bytes at ``timeout`` (a launcher that stopped reading)."""
+    import array
+    import fcntl
+    import stat
+    import termios
+
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return True
+    except (OSError, ValueError, AttributeError):  # stderr replaced (pytest capture) or closed
+        return True
+    unread, deadline = array.array("i", [0]), time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, unread, True)
+        except OSError:
+            return True  # not a pipe that can tell: nothing to wait for
+        if unread[0] == 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def abort(code: int = 1) -> None:
     """End the whole job now (MPI_Abort where MPI runs; under torchrun, exiting makes torchrun
-    end the others); a plain process just exits."""
-    sys.stderr.flush()
+    end the others); a plain process just exits. What this rank wrote to stderr (the reason)
+    reaches the launcher first (``stderr_taken``, bounded)."""
     sys.stdout.flush()
+    stderr_taken(2.0)
     if "mpi4py.MPI" in sys.modules:  # MPI is up (Horovod, or torch launched by mpirun/srun)
         from mpi4py import MPI
 
@@ -307,8 +341,10 @@ class AgreedError(RuntimeError):
 
 
 def _settle(timeout: float = 10.0) -> None:
-    """Wait (bounded) until every rank got here, so that no rank's exit aborts a peer before
-    it printed its message. Only for errors all ranks raise alike (agreed by a collective)."""
+    """Wait (bounded) until the launcher has read this rank's message and every rank got
+    here, so that no rank's exit ends the job before each rank's message reached the user.
+    Only for errors all ranks raise alike (agreed by a collective)."""
+    stderr_taken()
     if not _alone():
         _B.barrier_within(timeout)  # HVD: barrier with a deadline
     elif _B is None and launch_info().world_size > 1 and "mpi4py.MPI" in sys.modules:
