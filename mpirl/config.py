@@ -138,6 +138,12 @@ class Config:
     device: str = _opt(
         "auto", "auto (cuda:local_rank when CUDA is available), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
+    precision: str = _opt(
+        "fp32",
+        "fp32, or bf16: the networks' convolutions and matrix products in bfloat16 (torch autocast; weights, "
+        "gradients, optimizer state and Q-values stay float32); faster where the CPU or GPU has bf16 arithmetic",
+        choices=("fp32", "bf16"),
+    )
     torch_threads: int = _opt(0, "torch intra-op threads per rank; 0 = cores / ranks on this node")
     stall_timeout: float = _opt(
         600.0,

@@ -58,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     @torch.no_grad()
     def greedy(obs: np.ndarray) -> np.ndarray:
-        return net(torch.as_tensor(obs, device=args.device)).argmax(dim=1).cpu().numpy()
+        with model.autocast(torch.device(args.device), cfg.precision):  # the policy as it was trained and evaluated
+            return net(torch.as_tensor(obs, device=args.device)).argmax(dim=1).cpu().numpy()
 
     seeds = list(range(args.seed, args.seed + args.episodes))
     env_id, atari = stored.header.env_id, envs.atari_options(cfg)

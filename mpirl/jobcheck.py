@@ -61,6 +61,16 @@ def world(cfg: Config, world_size: int, memory_verdicts: Sequence[str] = ()) -> 
         raise ConfigError(f"{short[0][1]} (rank {short[0][0]}'s node)")
 
 
+def precision(verdicts: Sequence[tuple[str, str]]) -> str:
+    """Every rank's (error, warning) about its device and ``--precision``, gathered: ConfigError,
+    alike on every rank, when any rank's device cannot run it; else the first warning with its
+    rank ("" when none)."""
+    for rank, (error, _) in enumerate(verdicts):
+        if error:
+            raise ConfigError(f"{error} (rank {rank})")
+    return next((f"{warning} (rank {rank})" for rank, (_, warning) in enumerate(verdicts) if warning), "")
+
+
 def available_memory() -> tuple[int, str]:
     """Bytes this process may still allocate, and where that figure comes from: the kernel's
     MemAvailable, or less when a memory cgroup (SLURM's, a container's) limits the job."""

@@ -20,6 +20,7 @@ Collectives are tagged ``# HVD:`` at their call sites (see mpirl.dist).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Optional
 
 import numpy as np
@@ -61,6 +62,8 @@ class Learner:
         # fused: one kernel for all parameters; per-tensor Adam was the largest cost of an update.
         base = torch.optim.Adam(self.online.parameters(), lr=cfg.lr_for(ctx.size), eps=cfg.adam_eps, fused=True)
         self._params = list(self.online.parameters())
+        # fp32: no context; bf16: autocast around every forward pass (the Q-values come out float32)
+        self._precision = functools.partial(model.autocast, self.device, cfg.precision)
         # One rank has nobody to average with: it takes the K = 1 path without Horovod's
         # optimizer, whose background cycle would only add latency (benchmarks/throughput.py).
         self.local_sgd = cfg.sync_every > 1 and ctx.size > 1
@@ -102,7 +105,8 @@ class Learner:
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         """Greedy actions (int64, per env) of the online network for a batch of observations."""
-        return self.online(self._tensor(obs)).argmax(dim=1).cpu().numpy()
+        with self._precision():
+            return self.online(self._tensor(obs)).argmax(dim=1).cpu().numpy()
 
     # --- the update, in two phases ----------------------------------------------------------
     def start(self, buffer: replay.Replay, rng: np.random.Generator, beta: float) -> None:
@@ -121,12 +125,15 @@ class Learner:
             b = buffer.sample(cfg.batch_size_per_rank, rng, beta)
             obs, next_obs = self._tensor(b.obs), self._tensor(b.next_obs)
             with torch.no_grad():
-                next_q_target = self.target(next_obs)
-                next_q_online = self.online(next_obs) if cfg.double_dqn else None
+                with self._precision():
+                    next_q_target = self.target(next_obs)
+                    next_q_online = self.online(next_obs) if cfg.double_dqn else None
                 targets = algo.td_targets(
                     self._tensor(b.rewards), self._tensor(b.discounts), next_q_target, next_q_online
                 )
-            loss, td = algo.td_loss(self.online(obs), self._tensor(b.actions), targets, self._tensor(b.weights))
+            with self._precision():
+                q = self.online(obs)
+            loss, td = algo.td_loss(q, self._tensor(b.actions), targets, self._tensor(b.weights))
             if not _finite_batch(b):
                 # A non-finite TD target (an inf reward, say) leaves the Huber gradient finite (it
                 # saturates at +-1), so it would be trained on silently. Poison the loss instead:

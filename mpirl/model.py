@@ -6,11 +6,15 @@ frames (H, W >= 36, e.g. 84x84) the Nature-DQN CNN, which scales 0..255 pixels t
 the network; small grids (H, W <= 16, e.g. MinAtar's 10x10) the MinAtar paper's network, which
 takes the planes as they are (0/1 occupancy, already in [0, 1]: dividing by 255 would shrink the
 inputs 255-fold for nothing). Either way replay and the host->device copy stay uint8.
+
+Precision (``--precision``): fp32, or bf16 autocast (``autocast``), where convolutions and matrix
+products run in bfloat16 while weights, gradients, optimizer state and the Q head stay float32.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +34,15 @@ class QHead(nn.Module):
             self.q = nn.Linear(in_features, n_actions)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dtype in (torch.bfloat16, torch.float16):
+            # Under autocast the Q-values themselves stay float32: bf16 keeps 8 bits of mantissa
+            # (steps of 0.06 between 8 and 16), coarser than the TD errors DQN learns from. The
+            # head is a few hundred multiply-adds per sample, so this costs next to nothing.
+            with torch.autocast(h.device.type, enabled=False):
+                return self._q(h.float())
+        return self._q(h)
+
+    def _q(self, h: torch.Tensor) -> torch.Tensor:
         if not self.dueling:
             return self.q(h)
         adv = self.advantage(h)
@@ -122,3 +135,35 @@ def parameter_checksum(model: nn.Module) -> float:
     """Sum of every parameter as float64: equal on all ranks iff (practically) identical."""
     with torch.no_grad():
         return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The context the Q-networks run in: none for fp32; for bf16 torch's autocast, whose
+    convolutions and matrix products (forward and backward) run in bfloat16 on float32 weights
+    (gradients, optimizer state and the Q head stay float32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bf16_support(device: torch.device) -> tuple[str, str]:
+    """(error, warning) about bf16 on ``device``, empty when it runs bf16 natively. A GPU without
+    bf16 (before compute capability 8.0) is an error; a CPU without bf16 instructions
+    (AVX512-BF16 or AMX) a warning: torch emulates them there, slower than float32."""
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            return f"--precision bf16: {name} has no bfloat16 arithmetic; use --precision fp32", ""
+        return "", ""
+    if not cpu_has_bf16():
+        return "", "this CPU has no bf16 instructions (AVX512-BF16 or AMX): --precision bf16 runs emulated, slower"
+    return "", ""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (True when torch cannot tell)."""
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return native is None or bool(native())

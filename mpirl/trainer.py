@@ -131,9 +131,11 @@ def fit(cfg: Config) -> Summary:
 def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContext, counters: Counters) -> Summary:
     """``fit`` after the backend started, under the stall watchdog: steps 1 (agreement) to 4."""
     memory = jobcheck.memory_shortfall(Collector.replay_bytes(cfg, info), ctx.local_size)  # before allocating
-    gathered = dist.allgather_object((cfg.to_dict(), memory))  # MPI: every rank's options and verdict, first
-    jobcheck.same_everywhere(cfg, [options for options, _ in gathered])
-    jobcheck.world(cfg, ctx.size, [verdict for _, verdict in gathered])  # the same on every rank: all raise alike
+    bf16 = model.bf16_support(ctx.device) if cfg.precision == "bf16" else ("", "")
+    gathered = dist.allgather_object((cfg.to_dict(), memory, bf16))  # MPI: every rank's options and verdicts, first
+    jobcheck.same_everywhere(cfg, [options for options, _, _ in gathered])
+    jobcheck.world(cfg, ctx.size, [verdict for _, verdict, _ in gathered])  # the same on every rank: all raise alike
+    precision_warning = jobcheck.precision([verdict for _, _, verdict in gathered])
 
     # 2. Run directory, collector, learner and what to resume from: rank 0 decides, all learn it.
     run_dir = dist.rank0_decides(lambda: rundir.choose(cfg), name="mpirl.run_dir", errors=ConfigError)  # HVD
@@ -171,11 +173,13 @@ def _run(cfg: Config, info: envs.EnvInfo, env_backend: str, ctx: dist.DistContex
     run.writer = MetricsWriter(run_dir, cfg.tensorboard, resumed_at) if ctx.rank == 0 else None
     if ctx.note:
         run.log(f"mpirl: {ctx.note}")
+    if precision_warning:
+        run.log(f"mpirl: warning: {precision_warning}")
     run.log(
         f"mpirl: {cfg.env_id} on {ctx.size} rank(s), {dryrun.backend_words(ctx)}, device {ctx.device}, "
         f"{cfg.num_envs_per_rank} {env_backend} envs/rank "
         f"({counters.steps_per_iter} global env steps per iteration), global batch {cfg.global_batch_size(ctx.size)}, "
-        f"lr {cfg.lr_for(ctx.size):g}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
+        f"lr {cfg.lr_for(ctx.size):g}, {cfg.precision}, torch threads/rank {torch.get_num_threads()}, run dir {run_dir}"
     )
     stop = preemption.StopFlag()
     _train_loop(run, stop)

@@ -1,6 +1,7 @@
 """MinAtar end to end under mpirun (issue 15): 2 ranks train the MinAtar network on uint8 planes,
 checkpoint, resume bitwise exactly (the games' state saved as data, sticky actions on), and
-``mpirl.evaluate`` plays the checkpoint (``--video`` too where moviepy is installed)."""
+``mpirl.evaluate`` plays the checkpoint (``--video`` too where moviepy is installed); in float32
+and in bf16 autocast (``--precision bf16``) alike."""
 
 import json
 from pathlib import Path
@@ -38,10 +39,12 @@ def _train(run_dir, steps, *extra):
     return res
 
 
-def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys, precision):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    res = _train(straight, 3000)
+    res = _train(straight, 3000, "--precision", precision)
     assert "4 gymnasium envs/rank" in res.stdout, res.stdout[:2000]  # auto: no EnvPool for MinAtar
+    assert f", {precision}, torch threads" in res.stdout, res.stdout[:2000]
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["replicas_identical"] and summary["updates"] > 0 and summary["global_env_steps"] == 3000
     with h5py.File(_latest(straight), "r") as f:
@@ -53,8 +56,8 @@ def test_breakout_trains_checkpoints_resumes_exactly_and_plays(tmp_path, capsys)
             assert obs.dtype == np.uint8 and obs.shape[1:] == (4, 10, 10)  # planes, no frame references
             assert f["ranks"][r]["env_state"].size > 0  # the games' state, as data
 
-    _train(split, 1500)
-    res = _train(split, 3000, "--resume", "auto")
+    _train(split, 1500, "--precision", precision)
+    res = _train(split, 3000, "--resume", "auto", "--precision", precision)
     assert "exact resume" in res.stdout, res.stdout[-2000:]
     a, b = _datasets(_latest(straight)), _datasets(_latest(split))
     ca, cb = (_counters(_latest(r)) for r in (straight, split))

@@ -65,6 +65,7 @@ def test_toml_then_flags_override(tmp_path):
         (["--buffer-size-per-rank", "10"], "is smaller than --batch-size-per-rank"),
         (["--learning-starts-per-rank", "8"], "is below --batch-size-per-rank"),
         (["--lr-scaling", "cubic"], "--lr-scaling must be one of"),
+        (["--precision", "fp16"], "--precision must be one of fp32, bf16, got 'fp16'"),
         (["--dueling", "maybe"], "--dueling must be a boolean"),
         (["--hidden-sizes", "64,0"], "--hidden-sizes must be positive"),
         (["--tau", "0"], "--tau must be in (0, 1]"),
