@@ -19,6 +19,8 @@
 #   c. 2 ranks share the one GPU through torch.distributed Gloo (NCCL refuses two ranks on one
 #      GPU), started with torchrun (the machine has no MPI runtime): replicas bitwise identical.
 #   d. A checkpoint written on CUDA resumes on the CPU, and one written on the CPU on CUDA.
+#   f. (last, so it never costs the checks above) step b's EnvPool profile again with
+#      --precision bf16: its frames/s and update share beside b_pong_envpool's float32 ones.
 # Then benchmarks/device_summary.py writes $OUT/device_check.json and prints a table for
 # BENCHMARKS.md ($OUT/device_check.txt); every log, step result and run summary (not the
 # checkpoints) goes into $OUT/device_check_logs.tar.gz. Three files, since the device tool
@@ -113,6 +115,8 @@ step d_cpu_first 60 "$py" -m mpirl.train --device "$other" --total-env-steps $((
     --run-dir "$work/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
 step d_then_cuda 60 "$py" -m mpirl.train --device "$dev" --total-env-steps "$d_steps" --resume auto \
     --run-dir "$work/d_cpu_to_cuda" "${short[@]}" "${quiet[@]}"
+step f_pong_bf16 60 "$py" benchmarks/profile_step.py --config configs/atari-dqn.toml --env ALE/Pong-v5 \
+    --env-backend envpool --device "$dev" --iterations "$b_iters" --precision bf16 --json "$work/f_pong_bf16.json"
 
 "$py" benchmarks/device_summary.py "$work" $([ "$dry" = 1 ] && echo --dry) | tee "$out/device_check.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

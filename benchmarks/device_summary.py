@@ -3,7 +3,7 @@
     python benchmarks/device_summary.py OUT_DIR [--dry]
 
 Exit 1 when a step failed or a check did not hold (a: solved, on a GPU run; c: replicas
-identical; d: both resumes said so).
+identical; d: both resumes said so; f: profiled in bf16).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ STEPS = (
     "d_then_cpu",
     "d_cpu_first",
     "d_then_cuda",
+    "f_pong_bf16",
 )
 
 
@@ -56,6 +57,7 @@ def main() -> int:
     b = _read(os.path.join(out, "b_pong.json")) or {}
     b_envpool = _read(os.path.join(out, "b_pong_envpool.json")) or {}
     e = _read(os.path.join(out, "e_overhead.json")) or {}
+    f = _read(os.path.join(out, "f_pong_bf16.json")) or {}
     c = _read(os.path.join(out, "c_shared", "summary.json")) or {}
     resumed = {name: "mpirl: resumed from" in _text(os.path.join(out, f"{name}.log"))
                for name in ("d_then_cpu", "d_then_cuda")}  # fmt: skip
@@ -66,6 +68,7 @@ def main() -> int:
         == ("gymnasium", "envpool"),
         "c: 2 ranks on one GPU, replicas identical": bool(c.get("replicas_identical")) and c.get("world_size") == 2,
         "d: checkpoints resume across devices": all(resumed.values()),
+        "f: Pong profiled in bf16": f.get("precision") == "bf16",
     }
     report = {
         "date": _dt.date.today().isoformat(),
@@ -81,6 +84,7 @@ def main() -> int:
         "e_overhead": e,
         "c_shared_gpu": {k: c.get(k) for k in ("world_size", "replicas_identical", "updates", "wall_time_s")},
         "d_resumed": resumed,
+        "f_pong_bf16": f,
         "checks": checks,
     }
     with open(os.path.join(out, "device_check.json"), "w", encoding="utf-8") as fh:
@@ -95,13 +99,13 @@ def main() -> int:
             f"{a.get('global_env_steps'):,} env steps, {a.get('updates'):,} updates "
             f"in {a.get('wall_time_s', 0):.1f} s |"
         )
-    for p in (b, b_envpool):
+    for row, p in (("b", b), ("b", b_envpool), ("f", f)):
         if not p:
             continue
         share = ", ".join(f"{k} {v:.0%}" for k, v in p.get("share", {}).items())
         busy = p.get("gpu_busy_percent")
         print(
-            f"| b | Pong, 1 rank, {p.get('env_backend')} | acting {p['acting_frames_per_s']:,.0f} frames/s; training "
+            f"| {row} | Pong, 1 rank, {p.get('env_backend')}, {p.get('precision')} | acting {p['acting_frames_per_s']:,.0f} frames/s; training "
             f"{p['training_frames_per_s']:,.0f} frames/s, {p['updates_per_s']:,.0f} updates/s; GPU busy "
             f"{'n/a' if busy is None else f'{busy:.0f}%'}; iteration: {share} |"
         )
@@ -125,6 +129,9 @@ def main() -> int:
             f"{c.get('updates'):,} updates in {c.get('wall_time_s', 0):.1f} s |"
         )
     print(f"| d | checkpoint across devices | resumed: {resumed} |")
+    if f and b_envpool:
+        ratio = f["training_frames_per_s"] / b_envpool["training_frames_per_s"]
+        print(f"| f | bf16 against float32 (b, EnvPool), training frames/s | {ratio:.2f}x (steps minutes apart) |")
     return 0 if all(checks.values()) else 1
 
 

@@ -222,6 +222,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "num_envs_per_rank": E,
         "batch_size_per_rank": cfg.batch_size_per_rank,
+        "precision": cfg.precision,
         "iterations": args.iterations,
         "acting_frames_per_s": warm * E * frames / acting_s,
         "training_frames_per_s": steps * frames / plain_s,

@@ -1,5 +1,5 @@
 """benchmarks/device_check.sh in its CPU dry mode: every step of the GPU check but the GPU
-(CartPole at 1 rank, the Pong profile, 2 ranks sharing a device through torchrun + Gloo, a
+(CartPole at 1 rank, the Pong profile in float32 and bf16, 2 ranks sharing a device through torchrun + Gloo, a
 checkpoint resumed on the other device), so the script cannot rot between device loans."""
 
 import json
@@ -18,10 +18,11 @@ def test_device_check_dry_run_passes_every_step(tmp_path):
     assert res.returncode == 0, res.output[-4000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["dry_run"] and all(report["checks"].values()), report["checks"]
-    assert [s["rc"] for s in report["steps"].values()] == [0] * 9
-    for key, backend in (("b_pong", "gymnasium"), ("b_pong_envpool", "envpool")):
+    assert [s["rc"] for s in report["steps"].values()] == [0] * 10
+    for key, backend, precision in (("b_pong", "gymnasium", "fp32"), ("b_pong_envpool", "envpool", "fp32"),
+                                    ("f_pong_bf16", "envpool", "bf16")):  # fmt: skip
         pong = report[key]
-        assert pong["env_backend"] == backend
+        assert pong["env_backend"] == backend and pong["precision"] == precision
         assert pong["training_frames_per_s"] > 0 and pong["updates_per_s"] > 0
         assert set(pong["share"]) == {"env", "sample", "host_to_device", "allreduce", "update"}
         assert abs(sum(pong["share"].values()) - 1.0) < 0.01
