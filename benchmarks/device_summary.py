@@ -105,8 +105,9 @@ def main() -> int:
         share = ", ".join(f"{k} {v:.0%}" for k, v in p.get("share", {}).items())
         busy = p.get("gpu_busy_percent")
         print(
-            f"| {row} | Pong, 1 rank, {p.get('env_backend')}, {p.get('precision')} | acting {p['acting_frames_per_s']:,.0f} frames/s; training "
-            f"{p['training_frames_per_s']:,.0f} frames/s, {p['updates_per_s']:,.0f} updates/s; GPU busy "
+            f"| {row} | Pong, 1 rank, {p.get('env_backend')}, {p.get('precision')} | acting "
+            f"{p['acting_frames_per_s']:,.0f} frames/s; training {p['training_frames_per_s']:,.0f} frames/s, "
+            f"{p['updates_per_s']:,.0f} updates/s; GPU busy "
             f"{'n/a' if busy is None else f'{busy:.0f}%'}; iteration: {share} |"
         )
     if e:

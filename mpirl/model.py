@@ -137,9 +137,6 @@ def parameter_checksum(model: nn.Module) -> float:
         return float(sum(p.detach().double().sum().item() for p in model.parameters()))
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """The context the Q-networks run in: none for fp32; for bf16 torch's autocast, whose
     convolutions and matrix products (forward and backward) run in bfloat16 on float32 weights
@@ -159,7 +156,10 @@ def bf16_support(device: torch.device) -> tuple[str, str]:
             return f"--precision bf16: {name} has no bfloat16 arithmetic; use --precision fp32", ""
         return "", ""
     if not cpu_has_bf16():
-        return "", "this CPU has no bf16 instructions (AVX512-BF16 or AMX): --precision bf16 runs emulated, slower"
+        return "", (
+            "this CPU has no bf16 instructions (AVX512-BF16 or AMX): --precision bf16 runs emulated, "
+            "slower than --precision fp32"
+        )
     return "", ""
 
 
