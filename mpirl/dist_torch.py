@@ -16,6 +16,7 @@ import datetime as _dt
 import os
 import socket
 import sys
+import time
 from typing import Any, NoReturn, Optional
 
 import numpy as np
@@ -41,6 +42,41 @@ def _root_address(one_node: bool) -> str:
     if one_node:
         return "127.0.0.1"
     return socket.gethostbyname(socket.getfqdn())
+
+
+GLOO_WORKER = "pt_gloo_runloop"  # the name torch gives Gloo's worker threads (/proc/self/task/*/comm)
+
+
+def workers_idle(name: str = GLOO_WORKER, timeout: float = 2.0, polls: int = 3) -> bool:
+    """Wait, at most ``timeout`` seconds and sleeping (so without the GIL), until every thread of
+    this process named ``name`` has been asleep ('S' in /proc) on ``polls`` polls in a row, 5 ms
+    apart. True when they were (or there are none, or no /proc); False at the deadline."""
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < polls:
+        if time.monotonic() >= deadline:
+            return False
+        quiet = quiet + 1 if _all_asleep(name) else 0
+        time.sleep(0.005)
+    return True
+
+
+def _all_asleep(name: str) -> bool:
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="ascii", errors="replace") as fh:
+                if fh.read().strip() != name:
+                    continue
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]  # after "(comm)", which may hold spaces
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        if state != "S":
+            return False
+    return True
 
 
 def _start_allreduce(flat: torch.Tensor) -> Any:
@@ -80,9 +116,8 @@ class TorchBackend:
         self.cpu_group: Optional[Any] = tdist.new_group(backend="gloo") if library == "nccl" else None
         self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
         self.library = f"torch.distributed {library} ({torch.__version__})"
-        # Tear the process group down before the interpreter does: left to static destructors,
-        # its threads can end the process with "terminate called without an active exception"
-        # (seen on short runs). atexit runs this before mpi4py's MPI_Finalize (registered earlier).
+        # Tear the process group down, and let its threads go quiet, before the interpreter
+        # finalizes (see destroy). atexit runs this before mpi4py's MPI_Finalize (registered earlier).
         atexit.register(self.destroy)
 
     # --- objects and small CPU vectors (Gloo) ------------------------------------------------
@@ -153,14 +188,26 @@ class TorchBackend:
         return FlatGradientSync(optimizer, params, fp16, self.size, _start_allreduce)
 
     def destroy(self) -> None:
+        """Destroy the process group, then wait (bounded) until Gloo's worker threads sleep.
+
+        Why the wait: those threads outlive ``destroy_process_group`` (the group is freed only at
+        interpreter exit), and one that has just completed a collective still has to drop the
+        work's tensors, which takes the GIL when Python already let go of them. If the
+        interpreter is finalizing by then, Python ends that thread with pthread_exit, whose
+        unwinding through a noexcept frame calls std::terminate: "terminate called without an
+        active exception", SIGABRT, exit 134 after a finished run. gdb on the core:
+        ``ProcessGroupGloo::runLoop`` -> ``TensorImpl::decref_pyobject`` ->
+        ``PyEval_AcquireThread`` -> ``pthread_exit``, the main thread in ``Py_FinalizeEx``; 4 of
+        150 runs of a 2-rank script that returns after ``mpirl.fit`` here. Called at exit
+        (atexit, before finalization) and by ``exit``."""
         if tdist.is_initialized():
             tdist.destroy_process_group()
+        workers_idle()
 
     def exit(self, code: int) -> NoReturn:
-        """End the process after a finished run without C++ static destructors: torch's
-        process-group and store threads, torn down at interpreter exit, can still end a rank
-        with "terminate called without an active exception" (SIGABRT, exit 134; seen once in
-        ~100 CI runs even with ``destroy`` at exit). MPI is finalized first, as mpirun expects."""
+        """End the process after a finished run without C++ static destructors (what ``destroy``
+        guards against at a normal exit, skipped altogether). MPI is finalized first, as mpirun
+        expects."""
         self.destroy()
         if "mpi4py.MPI" in sys.modules:
             from mpi4py import MPI
