@@ -51,32 +51,36 @@ def workers_idle(name: str = GLOO_WORKER, timeout: float = 2.0, polls: int = 3) 
     """Wait, at most ``timeout`` seconds and sleeping (so without the GIL), until every thread of
     this process named ``name`` has been asleep ('S' in /proc) on ``polls`` polls in a row, 5 ms
     apart. True when they were (or there are none, or no /proc); False at the deadline."""
-    deadline, quiet = time.monotonic() + timeout, 0
+    tids, deadline, quiet = _threads_named(name), time.monotonic() + timeout, 0
     while quiet < polls:
         if time.monotonic() >= deadline:
             return False
-        quiet = quiet + 1 if _all_asleep(name) else 0
+        quiet = quiet + 1 if all(_state(tid) in ("S", "") for tid in tids) else 0
         time.sleep(0.005)
     return True
 
 
-def _all_asleep(name: str) -> bool:
+def _threads_named(name: str) -> list[str]:
+    """This process's thread ids whose name (comm) is ``name``."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return True
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/comm", encoding="ascii", errors="replace") as fh:
-                if fh.read().strip() != name:
-                    continue
-            with open(f"/proc/self/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]  # after "(comm)", which may hold spaces
-        except (OSError, IndexError):
-            continue  # the thread ended meanwhile
-        if state != "S":
-            return False
-    return True
+        return []
+    return [tid for tid in tasks if _read_proc(f"/proc/self/task/{tid}/comm").strip() == name]
+
+
+def _state(tid: str) -> str:
+    """A thread's scheduler state (R, S, D, ...); "" once it has ended."""
+    fields = _read_proc(f"/proc/self/task/{tid}/stat").rsplit(")", 1)  # after "(comm)", which may hold spaces
+    return fields[1].split()[0] if len(fields) == 2 and fields[1].split() else ""
+
+
+def _read_proc(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
 
 
 def _start_allreduce(flat: torch.Tensor) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from mpirl import Config, dist, fit
+from mpirl import Config, fit
 from mpirl.learner import Learner
 
 
@@ -75,8 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # End as the CLI does (mpirl.train): the torch backend's exit skips C++ static destructors,
-    # where torch.distributed's threads can still abort a finished rank ("terminate called
-    # without an active exception", exit 134: a CI run hit it here after the report was written).
-    dist.exit_process(0)
+    main()  # returns as a user's script does: the torch backend's exit must hold (dist_torch.destroy)
