@@ -11,10 +11,10 @@ Every run trains ``--budget`` global env steps (default: the recipe's 100,000) w
 2 ranks step 2 x 4 envs and average 2 x 128 samples per update), SB3 in its own process with the
 recipe's values at one rank's scale: one env, an update of 128 samples every 4 env steps
 (``train_freq`` 4), the same network (``MinAtarFeatures`` below + a linear Q head =
-``mpirl.model.MinAtarQNetwork``), Adam lr 5e-4 / eps 3.125e-4, 3-step returns, a hard target copy
-every 1,000 env steps, replay 100k from 5,000 steps, eps 1 -> 0.1 over 50k steps, gradient clip
-10, Huber loss. What SB3 lacks: double DQN and bf16 autocast (mpirl's recipe uses both;
-``mpirl-2+precision=fp32`` runs mpirl in float32). Both play the same env
+``mpirl.model.MinAtarQNetwork``), Adam lr 5e-4 / eps 3.125e-4, the recipe's n-step returns
+(one-step targets), a hard target copy every 1,000 env steps, replay 100k from 5,000 steps, eps
+1 -> 0.1 over 50k steps, gradient clip 10, Huber loss. What SB3 lacks: double DQN and bf16
+autocast (mpirl's recipe uses both; ``mpirl-2+precision=fp32`` runs mpirl in float32). Both play the same env
 (``mpirl.envs.make_env``: (C, 10, 10) uint8 planes, sticky actions p = 0.1).
 
 Evaluation, alike for all: greedy episodes every 25,000 env steps (20, seeded as mpirl's trainer

@@ -124,4 +124,5 @@ def test_the_recipe_parses_and_keeps_the_papers_ratio():
     # the paper's target period of 1,000 env steps of a rank
     assert cfg.target_update_interval * cfg.num_envs_per_rank * cfg.train_every / cfg.gradient_steps == 1000
     assert (cfg.buffer_size_per_rank, cfg.eps_end, cfg.gamma) == (100_000, 0.1, 0.99)
+    assert cfg.n_step == 1  # the paper's one-step targets: 2- and 3-step returns never learned Asterix
     assert cfg.eps_decay_steps <= cfg.total_env_steps
