@@ -15,8 +15,8 @@ recipe's values at one rank's scale: one env, an update of 128 samples every 4 e
 ``mpirl.model.MinAtarQNetwork``), Adam lr 5e-4 / eps 3.125e-4, the recipe's n-step returns
 (one-step targets), a hard target copy every 1,000 env steps, replay 100k from 5,000 steps, eps
 1 -> 0.1 over 50k steps, gradient clip 10, Huber loss. What SB3 lacks: double DQN and bf16
-autocast (mpirl's recipe uses both; ``mpirl-2+precision=fp32`` runs mpirl in float32). Both play the same env
-(``mpirl.envs.make_env``: (C, 10, 10) uint8 planes, sticky actions p = 0.1).
+autocast (mpirl's recipe uses both; ``mpirl-2+precision=fp32`` runs mpirl in float32). Both play
+the same env (``mpirl.envs.make_env``: (C, 10, 10) uint8 planes, sticky actions p = 0.1).
 
 Evaluation, alike for all: greedy episodes every 25,000 env steps (20, seeded as mpirl's trainer
 seeds them), then 30 fresh greedy episodes seeded ``seed + 2,000,000 + i`` give the final return.
