@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from mpirl import procfs
 from mpirl.dist_flat import FlatGradientSync
 
 TIMEOUT = _dt.timedelta(minutes=30)  # a collective waits this long for a peer before failing
@@ -66,21 +67,13 @@ def _threads_named(name: str) -> list[str]:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return []
-    return [tid for tid in tasks if _read_proc(f"/proc/self/task/{tid}/comm").strip() == name]
+    return [tid for tid in tasks if procfs.read(f"/proc/self/task/{tid}/comm").strip() == name]
 
 
 def _state(tid: str) -> str:
     """A thread's scheduler state (R, S, D, ...); "" once it has ended."""
-    fields = _read_proc(f"/proc/self/task/{tid}/stat").rsplit(")", 1)  # after "(comm)", which may hold spaces
-    return fields[1].split()[0] if len(fields) == 2 and fields[1].split() else ""
-
-
-def _read_proc(path: str) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
+    fields = procfs.stat_fields(f"/proc/self/task/{tid}/stat")
+    return fields[0] if fields else ""
 
 
 def _start_allreduce(flat: torch.Tensor) -> Any:

@@ -10,6 +10,8 @@ import os
 import socket
 import time
 
+from mpirl import procfs
+
 _PEERS: list[tuple[str, int]] = []  # by rank: (host name, pid)
 
 
@@ -30,11 +32,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, another user's
         return True
-    try:  # a zombie (exited, not yet reaped by the launcher) is gone too
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    fields = procfs.stat_fields(f"/proc/{pid}/stat")  # a zombie (exited, not yet reaped) is gone too
+    return not fields or fields[0] != "Z"
 
 
 def gone(settle_s: float = 1.0) -> list[str]:

@@ -30,7 +30,7 @@ import socket
 import sys
 from typing import Any
 
-from mpirl import fsutil
+from mpirl import fsutil, procfs
 from mpirl.config import Config, ConfigError
 
 PROBE_BYTES = 1 << 20
@@ -40,11 +40,8 @@ LOCK = ".mpirl-lock"
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot ("" if unknown): with the pid, it names
     one process, even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    fields = procfs.stat_fields(f"/proc/{pid}/stat")
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _me() -> dict[str, Any]:
